@@ -1,0 +1,3 @@
+from sokhan.pipeline.cli import main
+
+raise SystemExit(main())

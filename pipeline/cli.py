@@ -1,0 +1,119 @@
+"""The ``sokhan`` command: ``run`` (all stages in order), one subcommand per stage, and the tools around them.
+
+Importing this module must stay cheap and torch-free: ``sokhan generate`` and ``sokhan predict`` run from an
+exported bundle on a machine without torch. Every command module is imported only when its command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from sokhan import SokhanError, __version__
+
+STAGE_HELP = {
+    "normalize": "clean and unify the corpus per language (hazm, NFKC, jieba-safe width folding)",
+    "tokenize": "train the subword tokenizer on language-aware segmentation; encode token shards",
+    "embed": "initialise the token-embedding table (normal or PPMI-SVD) and plot it",
+    "train": "train the transformer or Mamba model",
+    "export": "export the one-token decode step to ONNX and check parity with PyTorch",
+    "evaluate": "perplexity, bits per character and next-word accuracy beside an n-gram baseline",
+}
+
+# Commands that are not stages: name -> (module with add_arguments(parser) and main(args) -> int, help).
+TOOLS = {
+    "generate": ("sokhan.export.cli", "generate text from an exported bundle (no torch needed)"),
+    "predict": ("sokhan.export.cli", "most likely next words from an exported bundle (no torch needed)"),
+    "synth": ("sokhan.pipeline.synth", "selective copying / induction heads: what selectivity buys"),
+    "inspect": ("sokhan.pipeline.inspect", "attention maps (transformer) or Δ heatmaps (Mamba) for a text"),
+}
+
+
+def _common(p: argparse.ArgumentParser, run_dir_required: bool) -> None:
+    p.add_argument("--run-dir", type=Path, required=run_dir_required, default=None if run_dir_required else Path("runs/sample"),
+                   help="the run directory (default: runs/sample)" if not run_dir_required else "the run directory")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a TOML config or preset name; default: the config stored in the run directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set train.steps=200")
+    p.add_argument("--force", action="store_true", help="rerun even if up to date")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sokhan", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sokhan {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the stages in order (skipping those up to date)")
+    p.add_argument("config_file", nargs="?", type=Path, default=None, metavar="CONFIG",
+                   help="TOML config or preset name (default: the run directory's stored config, else 'sample')")
+    _common(p, run_dir_required=False)
+    p.add_argument("--stages", default=None, help="comma-separated subset, e.g. normalize,tokenize (default: all)")
+
+    for name, help_ in STAGE_HELP.items():
+        p = sub.add_parser(name, help=help_)
+        _common(p, run_dir_required=True)
+        p.set_defaults(stage=name)
+        from sokhan.pipeline import stage as _stage  # cheap: no torch
+
+        mod = _stage.stage_module(name)
+        if hasattr(mod, "add_arguments"):
+            mod.add_arguments(p)
+
+    for name, (module, help_) in TOOLS.items():
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(tool=module)
+        importlib.import_module(module).add_arguments(p, name)
+    return parser
+
+
+def _resolve_config(args: argparse.Namespace):
+    from sokhan.pipeline.config import load_config
+    from sokhan.pipeline.stage import stored_config
+
+    path = args.config if args.command != "run" else (args.config_file or args.config)
+    base = stored_config(args.run_dir) if path is None else None
+    if path is None and base is None:
+        if args.command != "run":
+            raise SokhanError(f"{args.run_dir}: no config.json here; pass --config CONFIG.toml or start with `sokhan run`")
+        path = "sample"
+    return load_config(path, args.overrides, base=base)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sokhan.pipeline.stage import STAGES, run_stage, save_run_config
+
+    config = _resolve_config(args)
+    save_run_config(args.run_dir, config)
+    if args.command == "run":
+        names = STAGES if not args.stages else [s.strip() for s in args.stages.split(",") if s.strip()]
+        unknown = [s for s in names if s not in STAGES]
+        if unknown:
+            raise SokhanError(f"--stages: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
+        for name in STAGES:
+            if name in names:
+                run_stage(name, config, args.run_dir, force=args.force, args=args)
+    else:
+        run_stage(args.stage, config, args.run_dir, force=args.force, args=args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "tool", None):
+            return importlib.import_module(args.tool).main(args) or 0
+        return _run(args)
+    except SokhanError as e:
+        print(f"sokhan: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sokhan: interrupted; finished stages are kept, the interrupted one is not published", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""The stage contract: fingerprints, manifest, skip logic and atomic publication of ``RUN/<stage>/``.
+
+A stage is a module in ``sokhan.pipeline.stages`` that defines
+
+- ``SECTIONS``: the config sections it reads (its fingerprint covers exactly these),
+- ``UPSTREAM``: the stages whose outputs it reads,
+- ``run(ctx: StageContext) -> dict``: does the work, writes into ``ctx.out``, returns metrics,
+- optionally ``inputs(config) -> list[Path]``: files outside the run directory it reads (the corpus),
+- optionally ``RESUMABLE = True``: a killed run's ``ctx.out`` is kept for the next attempt (train),
+- optionally ``add_arguments(parser)``: flags of its own for ``sokhan <stage>``.
+
+The stage works in ``RUN/<stage>.partial/``. Only when ``run`` returns is ``manifest.json`` written into it and the
+folder renamed to ``RUN/<stage>/``; so a killed or failed stage never leaves anything that looks finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterable
+
+from sokhan import SokhanError, __version__
+from sokhan.pipeline.config import RunConfig, to_dict
+
+STAGES = ("normalize", "tokenize", "embed", "train", "export", "evaluate")
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.json"
+
+
+def stage_module(name: str) -> ModuleType:
+    if name not in STAGES:
+        raise SokhanError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
+    return importlib.import_module(f"sokhan.pipeline.stages.{name}")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``path`` through a temporary sibling and a rename, so readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    mode = "wb" if isinstance(data, bytes) else "w"
+    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SokhanError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SokhanError(f"{path}: not valid JSON ({e})") from None
+
+
+def progress(iterable: Iterable | None = None, **kwargs):
+    """A tqdm bar on a terminal; silent when stderr is not a TTY (CI, pipes) or SOKHAN_PROGRESS=0."""
+    from tqdm.auto import tqdm
+
+    disable = None if os.environ.get("SOKHAN_PROGRESS", "1") != "0" else True
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def log(msg: str) -> None:
+    print(f"[sokhan] {msg}", file=sys.stderr, flush=True)
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of what produced an artefact. Reads only modules already imported, so it costs no imports."""
+    out: dict[str, str | None] = {"sokhan": __version__, "python": platform.python_version()}
+    for mod in ("torch", "triton", "numpy", "tokenizers", "onnx", "onnxruntime", "hazm", "jieba"):
+        m = sys.modules.get(mod)
+        out[mod] = getattr(m, "__version__", None) if m else None
+    try:
+        out["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+@dataclass
+class StageContext:
+    """What a stage's ``run`` gets: the run directory, the resolved config and the folder to write into."""
+
+    name: str
+    run_dir: Path
+    config: RunConfig
+    out: Path
+    args: argparse.Namespace = field(default_factory=argparse.Namespace)
+    resumed: bool = False  # ctx.out holds a killed attempt's files (RESUMABLE stages only)
+
+    def upstream(self, name: str) -> Path:
+        """The finished output folder of an upstream stage, or a SokhanError saying which stage to run."""
+        d = self.run_dir / name
+        if not (d / MANIFEST).exists():
+            raise SokhanError(f"{d}: stage {name!r} has not finished in this run directory; run `sokhan {name} --run-dir {self.run_dir}` first")
+        return d
+
+
+def _fingerprint(name: str, mod: ModuleType, config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Any]]:
+    """What the stage's result depends on: its config sections, upstream outputs and input files."""
+    cfg = to_dict(config)
+    inputs: dict[str, Any] = {
+        "stage": name,
+        "config": {s: cfg[s] for s in mod.SECTIONS},
+        "upstream": {},
+        "files": {},
+    }
+    for up in mod.UPSTREAM:
+        man = run_dir / up / MANIFEST
+        if not man.exists():
+            raise SokhanError(f"{run_dir / up}: stage {up!r} has not finished; run `sokhan {up} --run-dir {run_dir}` first (or `sokhan run`)")
+        inputs["upstream"][up] = sha256_json(read_json(man)["outputs"])
+    if hasattr(mod, "inputs"):
+        for p in mod.inputs(config):
+            inputs["files"][str(p)] = sha256_file(p)
+    return sha256_json(inputs), inputs
+
+
+def status(name: str, config: RunConfig, run_dir: Path) -> str:
+    """``done`` (up to date), ``stale`` (inputs or config changed), ``missing`` or ``blocked`` (upstream missing)."""
+    mod = stage_module(name)
+    man = run_dir / name / MANIFEST
+    if not man.exists():
+        return "missing"
+    try:
+        fp, _ = _fingerprint(name, mod, config, run_dir)
+    except SokhanError:
+        return "blocked"
+    return "done" if read_json(man).get("fingerprint") == fp else "stale"
+
+
+def run_stage(
+    name: str,
+    config: RunConfig,
+    run_dir: Path,
+    force: bool = False,
+    args: argparse.Namespace | None = None,
+) -> dict[str, Any]:
+    """Run one stage unless it is up to date; returns its manifest."""
+    mod = stage_module(name)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / name
+    fp, inputs = _fingerprint(name, mod, config, run_dir)
+    if not force and (final / MANIFEST).exists():
+        manifest = read_json(final / MANIFEST)
+        if manifest.get("fingerprint") == fp:
+            log(f"{name}: up to date, skipped (--force reruns it)")
+            return manifest
+        log(f"{name}: inputs or config changed since the last run, running again")
+
+    partial = run_dir / f"{name}.partial"
+    stamp = partial / ".fingerprint"
+    resumed = (
+        getattr(mod, "RESUMABLE", False)
+        and not force
+        and stamp.exists()
+        and stamp.read_text().strip() == fp
+    )
+    if not resumed and partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    atomic_write(stamp, fp)
+
+    ctx = StageContext(name=name, run_dir=run_dir, config=config, out=partial, args=args or argparse.Namespace(), resumed=resumed)
+    log(f"{name}: running" + (" (resuming)" if resumed else ""))
+    t0 = time.time()
+    try:
+        metrics = mod.run(ctx) or {}
+    except BaseException:
+        # A resumable stage keeps its work (checkpoints) for the next attempt; others leave nothing behind.
+        if not getattr(mod, "RESUMABLE", False):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    wall = time.time() - t0
+
+    stamp.unlink()
+    outputs = {
+        str(p.relative_to(partial)): sha256_file(p)
+        for p in sorted(partial.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {
+        "stage": name,
+        "fingerprint": fp,
+        "config": inputs["config"],
+        "inputs": {"upstream": inputs["upstream"], "files": inputs["files"]},
+        "outputs": outputs,
+        "metrics": metrics,
+        "versions": versions(),
+        "wall_time_s": round(wall, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(partial / MANIFEST, manifest)
+    old = run_dir / f".{name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+    log(f"{name}: done in {wall:.1f}s -> {final}")
+    return manifest
+
+
+def save_run_config(run_dir: Path, config: RunConfig) -> None:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(run_dir) / CONFIG_FILE, to_dict(config))
+
+
+def stored_config(run_dir: Path) -> dict[str, Any] | None:
+    p = Path(run_dir) / CONFIG_FILE
+    return read_json(p) if p.exists() else None
