@@ -1,0 +1,33 @@
+"""The `sokhan` command itself: light to import, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from sokhan.pipeline.cli import main
+
+
+def test_cli_imports_no_torch():
+    code = "import sys; from sokhan.pipeline.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_python_dash_m_works():
+    out = subprocess.run([sys.executable, "-m", "sokhan", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("sokhan ")
+
+
+def test_unknown_stage_and_bad_override_are_one_line(tmp_path, capsys):
+    assert main(["run", "sample", "--run-dir", str(tmp_path / "r"), "--stages", "normalize,bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "sokhan: error: --stages: unknown stage 'bogus' (stages: normalize, tokenize, embed, train, export, evaluate)"
+    assert main(["run", "sample", "--run-dir", str(tmp_path / "r"), "--set", "train.steps=lots"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sokhan: error: config: train.steps = 'lots' must be int") and "\n" not in err
+
+
+def test_single_stage_needs_a_config(tmp_path, capsys):
+    assert main(["tokenize", "--run-dir", str(tmp_path / "empty")]) == 2
+    assert "no config.json here" in capsys.readouterr().err

@@ -1,0 +1,81 @@
+"""The TOML -> dataclass loader: presets load, bad keys and types are named in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sokhan import SokhanError
+from sokhan.pipeline.config import RunConfig, load_config, parse_override, presets, to_dict
+
+
+@pytest.mark.parametrize("preset", presets(), ids=lambda p: p.stem)
+def test_every_preset_loads(preset: Path):
+    cfg = load_config(preset)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.corpus.paths, f"{preset.name} names no corpus"
+    for src in cfg.corpus.paths:
+        assert Path(src.path).is_absolute()  # resolved against the preset's folder
+    cfg.model.resolve(vocab_size=cfg.tokenize.vocab_size)
+
+
+def test_sample_preset_points_at_bundled_data():
+    cfg = load_config("sample")
+    for src in cfg.corpus.paths:
+        assert Path(src.path).exists(), src.path
+
+
+def test_round_trip_through_dict():
+    cfg = load_config("sample", ["train.steps=7", "model.arch='transformer'"])
+    again = load_config(None, base=to_dict(cfg))
+    assert again == cfg
+    assert again.train.steps == 7 and again.model.arch == "transformer"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=5", "unknown key 'train.stepz'"),
+        ("nosuch.key=1", "unknown key 'nosuch'"),
+        ("train.steps='many'", "train.steps = 'many' must be int"),
+        ("train.steps=true", "train.steps = True must be int"),
+        ("model.arch='rnn'", "model.arch = 'rnn' is not one of 'transformer' | 'mamba'"),
+        ("tokenize.vocab_size=10", "tokenize.vocab_size = 10 must be"),
+        ("model.dt_min=0.5", "model.dt_min = 0.5 must be > 0 and ≤ model.dt_max"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(SokhanError) as e:
+        load_config("sample", [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_int_is_accepted_for_float():
+    assert load_config("sample", ["train.lr=1"]).train.lr == 1.0
+
+
+def test_override_values_are_toml_else_strings():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a.b=transformer") == (["a", "b"], "transformer")
+    with pytest.raises(SokhanError, match="expected section.key=value"):
+        parse_override("novalue")
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(SokhanError, match="no such file"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 1\n")
+    with pytest.raises(SokhanError, match="invalid TOML"):
+        load_config(bad)
+
+
+def test_relative_corpus_paths_follow_the_config_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    cfg_file = tmp_path / "sub" / "c.toml"
+    cfg_file.write_text('[[corpus.paths]]\npath = "../text.txt"\nlang = "fa"\n')
+    cfg = load_config(cfg_file)
+    assert cfg.corpus.paths[0].path == str(tmp_path / "text.txt")

@@ -1,0 +1,129 @@
+"""The stage contract on stand-in stages: skip when up to date, stale on change, atomic publication, resume."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+
+from sokhan import SokhanError
+from sokhan.pipeline import stage as stage_mod
+from sokhan.pipeline.config import load_config
+
+
+def _make_stages(tmp_path: Path, calls: list[str]):
+    source = tmp_path / "source.txt"
+    source.write_text("hello\n")
+
+    def up_run(ctx):
+        calls.append("up")
+        (ctx.out / "data.txt").write_text(source.read_text().upper())
+        return {"n": 1}
+
+    def down_run(ctx):
+        calls.append("down")
+        text = (ctx.upstream("up") / "data.txt").read_text()
+        if getattr(ctx.args, "fail", False):
+            (ctx.out / "half.txt").write_text("half")
+            raise SokhanError("down: failed on purpose")
+        (ctx.out / "out.txt").write_text(text * 2)
+        return {}
+
+    up = types.SimpleNamespace(SECTIONS=("normalize",), UPSTREAM=(), run=up_run, inputs=lambda cfg: [source])
+    down = types.SimpleNamespace(SECTIONS=("train",), UPSTREAM=("up",), run=down_run)
+    return source, {"up": up, "down": down}
+
+
+@pytest.fixture
+def stages(tmp_path, monkeypatch):
+    calls: list[str] = []
+    source, mods = _make_stages(tmp_path, calls)
+    monkeypatch.setattr(stage_mod, "stage_module", lambda name: mods[name])
+    return types.SimpleNamespace(calls=calls, source=source, mods=mods, run=tmp_path / "run")
+
+
+def test_skip_when_up_to_date_and_rerun_when_forced(stages):
+    cfg = load_config("sample")
+    m1 = stage_mod.run_stage("up", cfg, stages.run)
+    m2 = stage_mod.run_stage("up", cfg, stages.run)
+    assert stages.calls == ["up"] and m1 == m2
+    stage_mod.run_stage("up", cfg, stages.run, force=True)
+    assert stages.calls == ["up", "up"]
+    man = json.loads((stages.run / "up" / "manifest.json").read_text())
+    assert man["metrics"] == {"n": 1}
+    assert set(man["outputs"]) == {"data.txt"}
+    assert man["versions"]["sokhan"]
+    assert set(man["config"]) == {"normalize"}
+
+
+def test_config_change_in_own_section_only_makes_stale(stages):
+    cfg = load_config("sample")
+    stage_mod.run_stage("up", cfg, stages.run)
+    assert stage_mod.status("up", load_config("sample", ["train.steps=3"]), stages.run) == "done"
+    assert stage_mod.status("up", load_config("sample", ["normalize.dedupe=false"]), stages.run) == "stale"
+
+
+def test_input_file_and_upstream_changes_propagate(stages):
+    cfg = load_config("sample")
+    stage_mod.run_stage("up", cfg, stages.run)
+    stage_mod.run_stage("down", cfg, stages.run)
+    assert stage_mod.status("down", cfg, stages.run) == "done"
+    stages.source.write_text("changed\n")
+    assert stage_mod.status("up", cfg, stages.run) == "stale"
+    stage_mod.run_stage("up", cfg, stages.run)
+    assert stage_mod.status("down", cfg, stages.run) == "stale"
+    stage_mod.run_stage("down", cfg, stages.run)
+    assert (stages.run / "down" / "out.txt").read_text() == "CHANGED\n" * 2
+
+
+def test_missing_upstream_is_one_clear_error(stages):
+    with pytest.raises(SokhanError, match="stage 'up' has not finished"):
+        stage_mod.run_stage("down", load_config("sample"), stages.run)
+
+
+def test_failed_stage_publishes_nothing_and_keeps_the_old_result(stages):
+    cfg = load_config("sample")
+    stage_mod.run_stage("up", cfg, stages.run)
+    stage_mod.run_stage("down", cfg, stages.run)
+    before = (stages.run / "down" / "manifest.json").read_text()
+    with pytest.raises(SokhanError):
+        stage_mod.run_stage("down", cfg, stages.run, force=True, args=types.SimpleNamespace(fail=True))
+    assert (stages.run / "down" / "manifest.json").read_text() == before
+    assert not (stages.run / "down" / "half.txt").exists()
+    assert not (stages.run / "down.partial").exists()
+
+
+def test_resumable_stage_keeps_its_work_for_the_next_attempt(stages):
+    cfg = load_config("sample")
+    seen = []
+
+    def flaky(ctx):
+        seen.append(ctx.resumed)
+        marker = ctx.out / "progress.txt"
+        if not marker.exists():
+            marker.write_text("step 1")
+            raise KeyboardInterrupt
+        return {"resumed_from": marker.read_text()}
+
+    stages.mods["up"].run = flaky
+    stages.mods["up"].RESUMABLE = True
+    with pytest.raises(KeyboardInterrupt):
+        stage_mod.run_stage("up", cfg, stages.run)
+    assert not (stages.run / "up").exists() and (stages.run / "up.partial").exists()
+    man = stage_mod.run_stage("up", cfg, stages.run)
+    assert seen == [False, True]
+    assert man["metrics"] == {"resumed_from": "step 1"}
+    # A changed config must not resume from work done under the old one.
+    with pytest.raises(KeyboardInterrupt):
+        stage_mod.run_stage("up", load_config("sample", ["normalize.dedupe=false"]), stages.run)
+    assert seen == [False, True, False]
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    p = tmp_path / "f.json"
+    stage_mod.write_json(p, {"a": 1})
+    stage_mod.write_json(p, {"a": 2})
+    assert json.loads(p.read_text()) == {"a": 2}
+    assert [x.name for x in tmp_path.iterdir()] == ["f.json"]
