@@ -53,7 +53,9 @@ class ModelConfig:
     selective: bool = True
     """Mamba only: false gives the LTI ablation (Δ, B, C learned but input-independent, an S4D-style model)."""
     dropout: float = 0.0
+    """Transformer only: dropout on the token embeddings and on each residual branch, in training."""
     tie_embeddings: bool = True
+    """lm_head shares the token embedding matrix."""
     norm_eps: float = 1e-5
     vocab_size: int | None = None
     """Set from the tokenizer by ``resolve``; set it only to build a model without a run."""
@@ -80,8 +82,15 @@ class ModelConfig:
             cfg = replace(cfg, vocab_size=vocab_size)
         if cfg.vocab_size is None:
             raise SokhanError("config: model.vocab_size is unset; it comes from the tokenizer (run the tokenize stage)")
-        if cfg.arch == "transformer" and cfg.n_heads is None:
-            raise SokhanError("config: model.n_heads must be set for a transformer")
+        if cfg.arch == "transformer":
+            if cfg.n_heads is None:
+                raise SokhanError("config: model.n_heads must be set for a transformer")
+            # Rotary embeddings rotate pairs of channels, so each head needs an even size.
+            if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
+                raise SokhanError(
+                    f"config: model.d_model = {cfg.d_model} must split into model.n_heads = {cfg.n_heads} heads of "
+                    "an even size"
+                )
         return cfg
 
     @property
