@@ -1,4 +1,17 @@
-"""tokenize stage: RUN/normalize -> tokenizer.json, segmenter.json, train.bin, val.bin, meta.json, report.json."""
+"""tokenize stage: RUN/normalize -> tokenizer.json, segmenter.json, train.bin, val.bin, val/<lang>.txt, meta.json, report.json.
+
+1. Split: per language, a seeded random ``val_fraction`` of the normalized lines is held out (``val/<lang>.txt``,
+   in corpus order); the rest is the training split.
+2. Segment every line (jieba / hazm / Latin rules, ``sokhan.tokenization.segment``) in ``workers`` processes: the
+   slow, pure-Python part. Results come back in input order, so the output does not depend on ``workers``.
+3. Train the subword model on the training split's segmentation only (the report measures unseen text).
+4. Encode with the trained model (``Tokenizer.encode_pieces``: each distinct piece once through HF's Rust encoder,
+   then a lookup per piece) and write the shards: every line becomes ``<|lang:xx|>`` + ids + ``<|eos|>``; lines
+   are concatenated per split, languages in the order fa, zh, en. Same bytes for any ``workers`` (a test checks).
+5. ``report.json``: on the validation split, per language, characters per token, tokens per word, UTF-8 bytes per
+   token (> 1 means better than raw bytes) and the share of byte-fallback tokens (tokens that are not whole
+   characters: a piece of a UTF-8 sequence).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +20,9 @@ from typing import Literal
 
 from sokhan import SokhanError
 
-SECTIONS = ("tokenize",)
+SECTIONS = ("normalize", "tokenize")  # normalize's options are stored in segmenter.json and used by encode()
 UPSTREAM = ("normalize",)
+_SEP = "\0"  # joins a line's pieces for the trip between processes; normalized text holds no control characters
 
 
 @dataclass
@@ -19,19 +33,200 @@ class TokenizeConfig:
     """Byte-level BPE (default) or Unigram, trained with HF tokenizers on the language-aware segmentation."""
     vocab_size: int = 8000
     min_frequency: int = 2
+    """BPE: a merge must occur at least this often in the training split."""
     val_fraction: float = 0.05
     """Share of each language's lines held out for validation and evaluation."""
     seed: int = 0
     """Seed of the train/validation split."""
     workers: int = 0
-    """Encoding processes; 0 = one per CPU core."""
+    """Segmentation processes; 0 = one per CPU core. The output is the same for any number."""
+    zh_hmm: bool = False
+    """jieba's HMM for Chinese words missing from its dictionary (slower; see sokhan.tokenization.segment)."""
 
     def __post_init__(self) -> None:
         if self.vocab_size < 300:
             raise SokhanError(f"config: tokenize.vocab_size = {self.vocab_size} must be ≥ 300 (256 bytes + specials + merges)")
         if not 0.0 < self.val_fraction < 0.5:
             raise SokhanError(f"config: tokenize.val_fraction = {self.val_fraction} must be in (0, 0.5)")
+        if self.min_frequency < 1:
+            raise SokhanError(f"config: tokenize.min_frequency = {self.min_frequency} must be ≥ 1")
+        if self.workers < 0:
+            raise SokhanError(f"config: tokenize.workers = {self.workers} must be ≥ 0 (0 = one per CPU core)")
+
+
+def split_indices(n: int, val_fraction: float, seed: int, lang: str) -> list[int]:
+    """Sorted indices of the held-out lines among ``n``: a seeded random ``val_fraction`` (≥ 1 when n ≥ 2)."""
+    import numpy as np
+
+    from sokhan.tokenization.langid import LANGUAGES
+
+    if n < 2:
+        return []
+    k = min(n - 1, max(1, round(n * val_fraction)))
+    rng = np.random.default_rng([seed, LANGUAGES.index(lang)])
+    return sorted(int(i) for i in rng.permutation(n)[:k])
+
+
+def shard_dtype(vocab_size: int):
+    """uint16 when every id fits in it, else uint32."""
+    import numpy as np
+
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def _segment_chunk(job: tuple[str, list[str], dict]) -> list[str]:
+    from sokhan.tokenization.segment import SegmenterConfig, segment
+
+    lang, lines, seg = job
+    cfg = SegmenterConfig(**seg)
+    return [_SEP.join(segment(line, lang, cfg)) for line in lines]
+
+
+def segment_lines(lines: list[str], lang: str, seg, workers: int, chunk: int = 256) -> list[list[str]]:
+    """Pieces of every line, segmented in ``workers`` processes (in order; the same for any ``workers``)."""
+    from sokhan.pipeline.stage import progress
+    from sokhan.tokenization.segment import preload
+
+    jobs = [(lang, lines[i : i + chunk], seg.to_dict()) for i in range(0, len(lines), chunk)]
+    if workers <= 1 or len(jobs) <= 1:
+        joined = [s for job in progress(jobs, desc=f"segment {lang}") for s in _segment_chunk(job)]
+    else:
+        import multiprocessing as mp
+
+        # Load the dictionaries once here; forked workers share them instead of loading their own.
+        preload(lang)
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with mp.get_context(method).Pool(workers) as pool:
+            joined = [s for part in progress(pool.imap(_segment_chunk, jobs), total=len(jobs), desc=f"segment {lang}") for s in part]
+    return [s.split(_SEP) if s else [] for s in joined]
+
+
+def _frame(ids: list[list[int]], lang_id: int, eos_id: int, dtype):
+    """``<|lang|>`` + ids + ``<|eos|>`` for every line, concatenated."""
+    import numpy as np
+
+    out = []
+    for line in ids:
+        out.append(lang_id)
+        out.extend(line)
+        out.append(eos_id)
+    return np.asarray(out, dtype=dtype)
+
+
+def _fallback_table(tok) -> "np.ndarray":
+    """(V,) bool: token is a byte-fallback token (its bytes are not whole UTF-8 characters)."""
+    import numpy as np
+
+    table = np.zeros(tok.vocab_size, dtype=bool)
+    for i in range(tok.vocab_size):
+        try:
+            tok.id_to_bytes(i).decode("utf-8")
+        except UnicodeDecodeError:
+            table[i] = True
+    return table
+
+
+def language_report(lines: list[str], pieces: list[list[str]], ids: list[list[int]], fallback) -> dict:
+    """Compression figures of one language's validation split (specials not counted as tokens)."""
+    import numpy as np
+
+    from sokhan.tokenization.segment import words
+
+    chars = sum(len(line) for line in lines)
+    nbytes = sum(len(line.encode("utf-8")) for line in lines)
+    n_words = sum(words(p) for p in pieces)
+    flat = np.fromiter((t for line in ids for t in line), dtype=np.int64)
+    tokens = int(flat.size)
+    return {
+        "lines": len(lines),
+        "chars": chars,
+        "bytes": nbytes,
+        "words": n_words,
+        "tokens": tokens,
+        "chars_per_token": round(chars / tokens, 4) if tokens else None,
+        "tokens_per_word": round(tokens / n_words, 4) if n_words else None,
+        "bytes_per_token": round(nbytes / tokens, 4) if tokens else None,
+        "byte_fallback_share": round(float(fallback[flat].mean()), 6) if tokens else None,
+    }
 
 
 def run(ctx) -> dict:
-    raise NotImplementedError("tokenize stage: being written this session")
+    import os
+
+    import numpy as np
+
+    from sokhan.pipeline.stage import atomic_write, log, write_json
+    from sokhan.tokenization.langid import LANGUAGES
+    from sokhan.tokenization.segment import SegmenterConfig
+    from sokhan.tokenization.tokenizer import Tokenizer
+
+    cfg, norm = ctx.config.tokenize, ctx.config.normalize
+    src = ctx.upstream("normalize")
+    workers = cfg.workers or os.cpu_count() or 1
+    seg = SegmenterConfig(zh_hmm=cfg.zh_hmm)
+
+    data: dict[str, dict] = {}
+    for lang in LANGUAGES:
+        path = src / f"{lang}.txt"
+        if not path.exists():
+            continue
+        lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+        val = set(split_indices(len(lines), cfg.val_fraction, cfg.seed, lang))
+        pieces = segment_lines(lines, lang, seg, workers)
+        data[lang] = {
+            "train": [i for i in range(len(lines)) if i not in val],
+            "val": sorted(val),
+            "lines": lines,
+            "pieces": pieces,
+        }
+    if not data:
+        raise SokhanError(f"{src}: no <lang>.txt files; rerun `sokhan normalize --force --run-dir {ctx.run_dir}`")
+
+    def training_pieces():
+        for d in data.values():
+            for i in d["train"]:
+                yield d["pieces"][i]
+
+    log(f"tokenize: training {cfg.model} with vocabulary {cfg.vocab_size}")
+    tok = Tokenizer.train(
+        training_pieces(), cfg.vocab_size, model=cfg.model, min_frequency=cfg.min_frequency,
+        normalization={"digits": norm.digits, "remove_diacritics": norm.remove_diacritics}, segmenter=seg,
+        length=sum(len(d["train"]) for d in data.values()),
+    )
+    tok.save(ctx.out)
+
+    dtype = shard_dtype(tok.vocab_size)
+    fallback = _fallback_table(tok)
+    counts: dict[str, dict[str, int]] = {"train": {}, "val": {}}
+    shards: dict[str, list] = {"train": [], "val": []}
+    report: dict[str, dict] = {}
+    (ctx.out / "val").mkdir()
+    for lang, d in data.items():
+        for split in ("train", "val"):
+            idx = d[split]
+            ids = tok.encode_pieces([d["pieces"][i] for i in idx])
+            arr = _frame(ids, tok.lang_id(lang), tok.eos_id, dtype)
+            shards[split].append(arr)
+            counts[split][lang] = int(arr.size)
+            if split == "val":
+                val_lines = [d["lines"][i] for i in idx]
+                atomic_write(ctx.out / "val" / f"{lang}.txt", "".join(line + "\n" for line in val_lines))
+                report[lang] = language_report(val_lines, [d["pieces"][i] for i in idx], ids, fallback)
+    for split, parts in shards.items():
+        atomic_write(ctx.out / f"{split}.bin", np.concatenate(parts).astype(dtype, copy=False).tobytes())
+
+    meta = {
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": tok.vocab_size,
+        "special_tokens": tok.special_tokens,
+        "tokens": counts,
+        "split_seed": cfg.seed,
+    }
+    write_json(ctx.out / "meta.json", meta)
+    write_json(ctx.out / "report.json", {"model": cfg.model, "vocab_size": tok.vocab_size, "split": "val", "languages": report})
+    return {
+        "vocab_size": tok.vocab_size,
+        "train_tokens": sum(counts["train"].values()),
+        "val_tokens": sum(counts["val"].values()),
+        **{f"chars_per_token_{lang}": r["chars_per_token"] for lang, r in report.items()},
+    }

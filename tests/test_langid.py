@@ -1,0 +1,33 @@
+"""Language by script: majority of words, ties to the rarer script, None without any of the three."""
+
+import pytest
+
+from sokhan.tokenization import detect_language
+from sokhan.tokenization.langid import script_votes
+
+
+@pytest.mark.parametrize(
+    "text, lang",
+    [
+        pytest.param("کتاب‌ها را خواندم", "fa", id="persian"),
+        pytest.param("كتاب ي", "fa", id="arabic-letters"),
+        pytest.param("我喜欢自然语言处理。", "zh", id="chinese"),
+        pytest.param("The quick brown fox.", "en", id="english"),
+        pytest.param("我喜欢Python编程", "zh", id="han-majority-over-one-latin-word"),
+        pytest.param("I visited 北京 last year with friends", "en", id="latin-majority"),
+        pytest.param("من Python و JavaScript را دوست دارم", "fa", id="persian-majority"),
+        pytest.param("سلام hello", "fa", id="tie-goes-to-fa"),
+        pytest.param("中文 word", "zh", id="tie-goes-to-zh"),
+        pytest.param("ＡＢＣ ｄｅｆ", "en", id="fullwidth-latin"),
+        pytest.param("Ça va très bien", "en", id="latin-accents"),
+        pytest.param("12345 !!! ...", None, id="no-script"),
+        pytest.param("Привет мир", None, id="cyrillic"),
+        pytest.param("", None, id="empty"),
+    ],
+)
+def test_detect_language(text, lang):
+    assert detect_language(text) == lang
+
+
+def test_votes_count_words_for_alphabets_and_characters_for_han():
+    assert script_votes("one two 三四五 شش") == {"fa": 1, "zh": 3, "en": 2}

@@ -1,0 +1,132 @@
+"""tokenize stage on a slice of the real corpora: artefacts as the contract says, determinism, compression."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CORPORA
+
+from sokhan.pipeline.config import load_config
+from sokhan.pipeline.stage import run_stage
+from sokhan.pipeline.stages.tokenize import shard_dtype, split_indices
+from sokhan.tokenization import Tokenizer
+
+SLICE = {"fa": ("perdt.txt", 1200), "zh": ("cmrc2018.txt", 120), "en": ("ewt.txt", 400)}
+VOCAB = 2000
+
+
+def _config(tmp: Path, corpus: Path, workers: int):
+    toml = "".join(f'[[corpus.paths]]\npath = "{corpus / lang}.txt"\nlang = "{lang}"\n\n' for lang in SLICE)
+    toml += f"[tokenize]\nvocab_size = {VOCAB}\nval_fraction = 0.1\nseed = 3\nworkers = {workers}\n"
+    (tmp / f"config{workers}.toml").write_text(toml, encoding="utf-8")
+    return load_config(tmp / f"config{workers}.toml")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same corpus slice tokenized with 1 and with 2 workers (normalized once)."""
+    corpora_dir = CORPORA  # corpora_dir is function-scoped; the same check, once per module
+    if not (corpora_dir / "README.md").exists():
+        pytest.skip(f"real corpora not found at {corpora_dir} (they sit beside the checkout in ../shared/corpora)")
+    tmp = tmp_path_factory.mktemp("tokenize")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for lang, (name, n) in SLICE.items():
+        lines = (corpora_dir / lang / name).read_text(encoding="utf-8").split("\n")[:n]
+        (corpus / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = {}
+    for workers in (1, 2):
+        cfg = _config(tmp, corpus, workers)
+        run = tmp / f"run{workers}"
+        if workers == 1:
+            run_stage("normalize", cfg, run)
+        else:
+            shutil.copytree(tmp / "run1" / "normalize", run / "normalize")
+        run_stage("tokenize", cfg, run)
+        out[workers] = run
+    return out
+
+
+def test_artefacts_follow_the_contract(runs):
+    d = runs[1] / "tokenize"
+    for name in ("tokenizer.json", "segmenter.json", "train.bin", "val.bin", "meta.json", "report.json", "manifest.json"):
+        assert (d / name).is_file(), name
+    meta = json.loads((d / "meta.json").read_text())
+    assert list(meta) == ["dtype", "vocab_size", "special_tokens", "tokens", "split_seed"]
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == VOCAB and meta["split_seed"] == 3
+    assert list(meta["special_tokens"]) == ["<|bos|>", "<|eos|>", "<|pad|>", "<|lang:fa|>", "<|lang:zh|>", "<|lang:en|>"]
+    for split in ("train", "val"):
+        ids = np.memmap(d / f"{split}.bin", dtype=meta["dtype"], mode="r")
+        assert ids.size == sum(meta["tokens"][split].values())
+        assert int(ids.max()) < meta["vocab_size"]
+        assert list(meta["tokens"][split]) == ["fa", "zh", "en"]
+
+
+def test_shards_decode_to_the_split_lines(runs):
+    """Every line is <|lang:xx|> ids <|eos|>; val decodes to val/<lang>.txt, train + val to the normalized lines."""
+    d = runs[1] / "tokenize"
+    tok = Tokenizer.load(d / "tokenizer.json")
+    meta = json.loads((d / "meta.json").read_text())
+    lang_of = {tok.lang_id(lang): lang for lang in ("fa", "zh", "en")}
+    decoded = {}
+    for split in ("train", "val"):
+        ids = np.fromfile(d / f"{split}.bin", dtype=meta["dtype"]).tolist()
+        ends = [i for i, t in enumerate(ids) if t == tok.eos_id]
+        assert ends and ends[-1] == len(ids) - 1
+        start = 0
+        for end in ends:
+            lang = lang_of[ids[start]]
+            decoded.setdefault((split, lang), []).append(tok.decode(ids[start + 1 : end]))
+            start = end + 1
+    for lang in ("fa", "zh", "en"):
+        normalized = (runs[1] / "normalize" / f"{lang}.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        val = (d / "val" / f"{lang}.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        assert decoded[("val", lang)] == val
+        held = split_indices(len(normalized), 0.1, 3, lang)
+        assert val == [normalized[i] for i in held]
+        assert len(val) == round(0.1 * len(normalized))
+        assert sorted(decoded[("train", lang)] + val) == sorted(normalized)
+        # The shards are what the public API gives for the same text.
+        assert tok.encode(val[0], lang, add_special_tokens=True)[1:-1] == tok.encode_normalized(val[0], lang)
+
+
+def test_same_output_with_one_or_two_workers(runs):
+    for name in ("tokenizer.json", "segmenter.json", "train.bin", "val.bin", "meta.json", "report.json"):
+        assert (runs[1] / "tokenize" / name).read_bytes() == (runs[2] / "tokenize" / name).read_bytes(), name
+
+
+def test_tokenizer_file_loads_in_plain_hf(runs):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_file(str(runs[1] / "tokenize" / "tokenizer.json"))
+    assert hf.get_vocab_size() == VOCAB
+    assert hf.decode(hf.encode(["سلام", " دنیا"], is_pretokenized=True).ids) == "سلام دنیا"
+
+
+def test_report_persian_and_chinese_beat_raw_bytes(runs):
+    report = json.loads((runs[1] / "tokenize" / "report.json").read_text())["languages"]
+    for lang, r in report.items():
+        assert set(r) >= {"chars_per_token", "tokens_per_word", "bytes_per_token", "byte_fallback_share"}
+        assert 0.0 <= r["byte_fallback_share"] < 0.5
+        assert r["bytes_per_token"] == pytest.approx(r["bytes"] / r["tokens"], rel=1e-3)
+    # Raw UTF-8 is 1 byte per token; Persian letters are 2 bytes and Han characters 3, so a tokenizer that
+    # learned anything is far above that. "Clear margin": at least twice as compact as raw bytes.
+    assert report["fa"]["bytes_per_token"] > 2.0
+    assert report["zh"]["bytes_per_token"] > 2.0
+
+
+def test_split_indices_seeded():
+    a = split_indices(1000, 0.05, 0, "fa")
+    assert a == split_indices(1000, 0.05, 0, "fa") and len(a) == 50 and a == sorted(a)
+    assert a != split_indices(1000, 0.05, 1, "fa")
+    assert a != split_indices(1000, 0.05, 0, "zh")
+    assert split_indices(1, 0.05, 0, "en") == [] and len(split_indices(3, 0.05, 0, "en")) == 1
+
+
+def test_shard_dtype():
+    assert shard_dtype(8000) == np.uint16 and shard_dtype(2**16) == np.uint16
+    assert shard_dtype(2**16 + 1) == np.uint32

@@ -1,0 +1,116 @@
+"""Language-aware pre-segmentation that keeps every character: ``"".join(segment(t, lang)) == t``.
+
+The subword model never merges across the pieces this returns, so they decide what a token can span.
+
+- ``zh``: jieba's precise mode (``jieba.Tokenizer`` instance with its bundled dictionary). ``zh_hmm`` (default off)
+  lets jieba's HMM glue characters missing from the dictionary into new words (names, transliterations); off, they
+  stay single characters and the BPE merges inside dictionary words only. Off is ~15 % faster (1.06 vs 0.88 MB/s on
+  CMRC) and compresses the same: 1.184 vs 1.186 characters per token on held-out Chinese at 8k vocabulary.
+- ``fa``: hazm's ``WordTokenizer`` (``join_verb_parts=False``: joining verb parts would rewrite spaces as ``_``).
+  Words keep their inner ZWNJ (``کتاب‌ها`` is one word). hazm may rewrite a token, so its tokens are only *located*
+  in the original text; characters it changed or dropped stay in the output as pieces of their own.
+- ``en`` (and any other language): runs of word characters, runs of other non-space characters.
+
+Whitespace before a word is attached to it (`` word``, as GPT-2's byte-level BPE does), so a space costs no token
+of its own. Spans are computed against the original text and the pieces are slices of it: nothing is lost.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import asdict, dataclass
+
+_LATIN_PIECE = re.compile(r"\w+|[^\w\s]+|\s+")
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Segmentation settings, stored beside the tokenizer in ``segmenter.json``."""
+
+    zh_hmm: bool = False
+    """jieba's HMM for words missing from its dictionary (see the module docstring)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=1)
+def _jieba():
+    """One ``jieba.Tokenizer`` per process; its prefix dictionary loads in ~0.7 s (cached in the temp dir)."""
+    import logging
+
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    tk = jieba.Tokenizer()
+    tk.initialize()
+    return tk
+
+
+@functools.lru_cache(maxsize=1)
+def _hazm_words():
+    import hazm
+
+    return hazm.WordTokenizer(join_verb_parts=False)
+
+
+def preload(lang: str) -> None:
+    """Load the segmenter of ``lang`` now (before forking workers, so that they share it)."""
+    if lang == "zh":
+        _jieba()
+    elif lang == "fa":
+        _hazm_words()
+
+
+def _align(text: str, tokens: list[str]) -> list[str]:
+    """Slices of ``text`` covering it exactly: each token where it occurs next, whatever lies between on its own."""
+    out: list[str] = []
+    pos = 0
+    for tok in tokens:
+        if not tok:
+            continue
+        at = text.find(tok, pos)
+        if at < 0:
+            continue  # rewritten by the segmenter; its characters fall into the next gap
+        if at > pos:
+            out.extend(m.group() for m in _LATIN_PIECE.finditer(text, pos, at))
+        out.append(text[at : at + len(tok)])
+        pos = at + len(tok)
+    if pos < len(text):
+        out.extend(m.group() for m in _LATIN_PIECE.finditer(text, pos))
+    return out
+
+
+def _attach_spaces(pieces: list[str]) -> list[str]:
+    """Whitespace pieces become the prefix of the next piece (a trailing one stays alone)."""
+    out: list[str] = []
+    pending = ""
+    for p in pieces:
+        if p.isspace():
+            pending += p
+        else:
+            out.append(pending + p)
+            pending = ""
+    if pending:
+        out.append(pending)
+    return out
+
+
+def segment(text: str, lang: str, config: SegmenterConfig = SegmenterConfig()) -> list[str]:
+    """Pieces of ``text`` (language ``lang``) whose concatenation is exactly ``text``."""
+    if not text:
+        return []
+    if lang == "zh":
+        tokens = list(_jieba().cut(text, HMM=config.zh_hmm))
+    elif lang == "fa":
+        tokens = _hazm_words().tokenize(text)
+    else:
+        return _attach_spaces(_LATIN_PIECE.findall(text))
+    # jieba returns slices already; hazm mostly does. _align makes both exact.
+    return _attach_spaces(_align(text, tokens))
+
+
+def words(pieces: list[str]) -> int:
+    """How many of ``pieces`` are words (contain a letter or digit), for tokens-per-word figures."""
+    return sum(1 for p in pieces if any(c.isalnum() for c in p))
