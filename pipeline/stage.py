@@ -181,6 +181,12 @@ def run_stage(
         log(f"{name}: inputs or config changed since the last run, running again")
 
     partial = run_dir / f"{name}.partial"
+    if int(os.environ.get("RANK", "0")) != 0:
+        # A torchrun worker: rank 0 prepares, fills and publishes the folder; this process only computes.
+        if not getattr(mod, "DISTRIBUTED", False):
+            raise SokhanError(f"stage {name!r} does not run under torchrun; run it in one process first")
+        ctx = StageContext(name=name, run_dir=run_dir, config=config, out=partial, args=args or argparse.Namespace())
+        return {"stage": name, "metrics": mod.run(ctx) or {}}
     stamp = partial / ".fingerprint"
     resumed = (
         getattr(mod, "RESUMABLE", False)

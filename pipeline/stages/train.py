@@ -1,18 +1,26 @@
-"""train stage: the model trained on RUN/tokenize shards from RUN/embed's table; resumable."""
+"""train stage: the model trained on RUN/tokenize shards from RUN/embed's table; resumable.
+
+Writes ``RUN/train/model.safetensors`` + ``config.json`` (the final weights, or the best by validation loss with
+``train.publish = "best"``), ``metrics.jsonl``, ``loss.png`` and ``checkpoints/`` (the last ``keep_last`` steps,
+resumable, and ``best/``). Runs under ``torchrun --nproc_per_node N -m sokhan train`` as data parallelism.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
+from sokhan import SokhanError
+
 SECTIONS = ("model", "train")
 UPSTREAM = ("tokenize", "embed")
 RESUMABLE = True
+DISTRIBUTED = True  # every torchrun process calls run(); rank 0 alone writes (see stage.run_stage)
 
 
 @dataclass
 class TrainConfig:
-    """The optimisation."""
+    """The optimisation. Batches are per process: one step sees batch_size · grad_accum · processes windows."""
 
     steps: int = 1000
     batch_size: int = 16
@@ -23,14 +31,59 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    """Maximum global gradient norm; 0 turns clipping off (the norm is still logged)."""
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 100
     keep_last: int = 2
+    """Step checkpoints kept (the newest); checkpoints/best is kept besides."""
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    """torch.compile the model (worth it on CUDA for long runs; start-up costs minutes)."""
+    publish: Literal["final", "best"] = "final"
+    """Which weights become RUN/train/model.safetensors: the last step's or the best by validation loss."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "ckpt_every", "keep_last"):
+            if getattr(self, key) < 1:
+                raise SokhanError(f"config: train.{key} = {getattr(self, key)} must be ≥ 1")
+        if self.warmup_steps < 0:
+            raise SokhanError(f"config: train.warmup_steps = {self.warmup_steps} must be ≥ 0")
+        if not 0 < self.min_lr <= self.lr:
+            raise SokhanError(f"config: train.min_lr = {self.min_lr} must be > 0 and ≤ train.lr = {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise SokhanError("config: train.weight_decay and train.grad_clip must be ≥ 0")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in RUN/train.partial from its newest checkpoint "
+                             "(automatic when one is there with the same config; this flag makes its absence an error)")
 
 
 def run(ctx) -> dict:
-    raise NotImplementedError("train stage: being written this session")
+    from sokhan.pipeline.stage import read_json
+    from sokhan.pipeline.train import ddp
+    from sokhan.pipeline.train.checkpoint import checkpoints
+    from sokhan.pipeline.train.loop import resolved_run_config, train
+
+    tokenize_dir = ctx.upstream("tokenize")
+    embed_dir = ctx.upstream("embed")
+    meta = read_json(tokenize_dir / "meta.json")
+    model_cfg = ctx.config.model.resolve(int(meta["vocab_size"]))
+    main = ddp.is_main_process()
+    if main and getattr(ctx.args, "resume", False) and not (ctx.resumed and checkpoints(ctx.out / "checkpoints")):
+        raise SokhanError(
+            f"--resume: no checkpoint of an interrupted run with this config in {ctx.out} "
+            "(a changed config or --force starts afresh); run without --resume"
+        )
+    return train(
+        ctx.config.train,
+        model_cfg,
+        resolved_run_config(ctx.config, model_cfg),
+        tokenize_dir,
+        embed_dir / "embeddings.safetensors",
+        ctx.out,
+        resume=ctx.resumed or not main,
+    )

@@ -1,0 +1,99 @@
+"""Plots with Persian and Chinese text: font fallback, right-to-left shaping, atomic PNG writes.
+
+Matplotlib draws glyphs left to right and one code point at a time, so Persian needs two steps before it reaches
+a text artist: ``arabic_reshaper`` picks each letter's joined (contextual) form, and the bidi algorithm
+(``bidi.get_display``) reverses the right-to-left runs into visual order. ``label`` does both. Glyph coverage comes
+from matplotlib's per-glyph font fallback (3.6+): ``setup_fonts`` puts a Latin font first, then one font with
+Arabic script and one with Han characters.
+
+Matplotlib is imported inside the functions: stage modules import this one, and they must stay light.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+# Preferred families per script, best first. The CJK collection (.ttc) is listed by matplotlib under the name of its
+# first face, which differs between distributions (JP on Debian, SC elsewhere); every face carries all Han glyphs.
+ARABIC_FONTS = ("Noto Sans Arabic", "Noto Naskh Arabic", "Vazirmatn", "DejaVu Sans")
+HAN_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Serif CJK SC", "Noto Serif CJK JP",
+             "WenQuanYi Zen Hei", "Droid Sans Fallback")
+LATIN_FONTS = ("DejaVu Sans",)
+
+# Arabic, Arabic Supplement, Arabic Extended-A and the presentation forms: what reshaping and bidi apply to.
+_ARABIC = re.compile("[\u0600-\u06ff\u0750-\u077f\u08a0-\u08ff\ufb50-\ufdff\ufe70-\ufeff]")
+
+_fonts: list[str] | None = None
+_warned: set[str] = set()
+
+
+def label(text: str) -> str:
+    """``text`` ready for a matplotlib text artist: Arabic-script runs shaped and put in visual order.
+
+    Text without Arabic script is returned unchanged (Chinese and English need nothing).
+    """
+    if not _ARABIC.search(text):
+        return text
+    import arabic_reshaper
+    from bidi.algorithm import get_display
+
+    return get_display(arabic_reshaper.reshape(text))
+
+
+def _available() -> set[str]:
+    from matplotlib import font_manager
+
+    return {f.name for f in font_manager.fontManager.ttflist}
+
+
+def _pick(candidates: tuple[str, ...], installed: set[str], script: str) -> str | None:
+    for name in candidates:
+        if name in installed:
+            return name
+    if script not in _warned:
+        _warned.add(script)
+        warnings.warn(
+            f"no installed font covers {script} (looked for {', '.join(candidates)}); its labels will show as boxes. "
+            "Install fonts-noto-core and fonts-noto-cjk.",
+            stacklevel=3,
+        )
+    return None
+
+
+def setup_fonts() -> list[str]:
+    """Select the Agg backend and a fallback font list covering Latin, Arabic script and Han; returns the list.
+
+    A script without an installed font gives one warning (per process), never an error: the plot is still drawn.
+    """
+    global _fonts
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if _fonts is None:
+        installed = _available()
+        picked = [_pick(LATIN_FONTS, installed, "Latin"), _pick(ARABIC_FONTS, installed, "Arabic script"),
+                  _pick(HAN_FONTS, installed, "Han (Chinese)")]
+        _fonts = list(dict.fromkeys(p for p in picked if p)) or ["sans-serif"]
+    matplotlib.rcParams["font.family"] = _fonts
+    # Missing-glyph warnings would repeat once per label; the missing-font warning above already said it.
+    warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+    return list(_fonts)
+
+
+def save(fig, path: Path | str, dpi: int = 150) -> Path:
+    """Write ``fig`` as PNG to ``path`` through a temporary sibling and a rename; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,86 @@
+"""Plot labels: Persian shaped right to left, Chinese glyphs present, a missing font a warning, atomic saves."""
+
+from __future__ import annotations
+
+import unicodedata
+import warnings
+
+import pytest
+
+from sokhan.pipeline import plotting
+
+
+@pytest.fixture
+def fresh_fonts(monkeypatch):
+    """Forget the cached font choice and the per-script warnings, so each test picks again."""
+    monkeypatch.setattr(plotting, "_fonts", None)
+    monkeypatch.setattr(plotting, "_warned", set())
+
+
+def test_label_leaves_non_arabic_text_alone():
+    for text in ("hello", "中文", "a1 b2", ""):
+        assert plotting.label(text) == text
+
+
+def test_label_shapes_persian_and_reverses_it():
+    out = plotting.label("سلام")
+    # Reshaping turns the letters into presentation forms (joined shapes; lam + alef become one ligature) ...
+    assert all(0xFB50 <= ord(c) <= 0xFEFF for c in out), [unicodedata.name(c) for c in out]
+    # ... and bidi puts them in visual order: the word's first letter (seen, initial form) ends up on the right.
+    assert unicodedata.name(out[-1]) == "ARABIC LETTER SEEN INITIAL FORM"
+    assert "MEEM" in unicodedata.name(out[0])
+
+
+def test_label_keeps_latin_in_mixed_text_in_reading_order():
+    out = plotting.label("کتاب GPU")
+    assert "GPU" in out
+
+
+def test_setup_fonts_covers_arabic_and_han(fresh_fonts):
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    families = plotting.setup_fonts()
+
+    def covered(ch: str) -> bool:
+        for fam in families:
+            path = font_manager.findfont(font_manager.FontProperties(family=fam), fallback_to_default=False)
+            if FT2Font(path).get_char_index(ord(ch)):
+                return True
+        return False
+
+    installed = plotting._available()
+    if not any(f in installed for f in plotting.HAN_FONTS) or not any(f in installed for f in plotting.ARABIC_FONTS[:2]):
+        pytest.skip("Noto Arabic / CJK fonts are not installed here (apt: fonts-noto-core fonts-noto-cjk)")
+    # Shaped Persian uses the presentation forms, so those must be in a font too, not only the base letters.
+    for ch in ("中", "語", "س", plotting.label("سلام")[0], "A"):
+        assert covered(ch), f"no font in {families} has {ch!r}"
+
+
+@pytest.mark.filterwarnings("ignore:Glyph .* missing from font")  # expected here: no fonts were found
+def test_missing_fonts_warn_once_and_do_not_fail(fresh_fonts, monkeypatch, tmp_path):
+    monkeypatch.setattr(plotting, "_available", lambda: set())
+    with pytest.warns(UserWarning, match="no installed font covers"):
+        families = plotting.setup_fonts()
+    assert families == ["sans-serif"]
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.set_title(plotting.label("سلام 中文"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plotting.setup_fonts()  # cached: no second warning
+    assert plotting.save(fig, tmp_path / "p.png").stat().st_size > 0
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, fresh_fonts):
+    import matplotlib.pyplot as plt
+
+    plotting.setup_fonts()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    ax.set_title(plotting.label("فارسی") + " 中文 English")
+    out = plotting.save(fig, tmp_path / "sub" / "plot.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.parent.iterdir()] == ["plot.png"]
+    assert not plt.get_fignums()  # closed

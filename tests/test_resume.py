@@ -1,0 +1,109 @@
+"""A killed training run resumed from its last checkpoint repeats the uninterrupted run bit for bit on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from tiny_run import ONE_THREAD_ENV, make_tiny_run, tiny_config
+
+from sokhan import SokhanError
+from sokhan.pipeline.stage import run_stage, save_run_config
+from sokhan.pipeline.train import checkpoint as ckpt
+
+
+def _records(train_dir):
+    return [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(a, b):
+    """Same per-step losses, grad norms and validation losses, and identical final and best weights."""
+    ra, rb = _records(a), _records(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        assert (x["loss"], x["grad_norm"], x["lr"], x.get("val_loss")) == (y["loss"], y["grad_norm"], y["lr"], y.get("val_loss")), x["step"]
+    for name in ("model.safetensors", "checkpoints/best/model.safetensors"):
+        ta, tb = ckpt.read_tensors(a / name)[0], ckpt.read_tensors(b / name)[0]
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny run directory with its embed stage done, to copy per test."""
+    run = make_tiny_run(tmp_path_factory.mktemp("base"))
+    run_stage("embed", tiny_config(), run)
+    return run
+
+
+def _copy(base, dest):
+    shutil.copytree(base, dest)
+    return dest
+
+
+@pytest.mark.parametrize("arch", ["transformer", "mamba"])
+def test_interrupted_after_a_checkpoint_resumes_exactly(base, tmp_path, monkeypatch, arch):
+    # Dropout on: the resumed run must also restore the global torch RNG that draws its masks.
+    cfg = tiny_config(f"model.arch={arch}", "model.dropout=0.1", "train.steps=10", "train.ckpt_every=2", "train.eval_every=3")
+    whole = run_stage("train", cfg, _copy(base, tmp_path / "whole"))
+
+    run = _copy(base, tmp_path / "killed")
+    real = ckpt.save_checkpoint
+
+    def save_then_die(root, step, *args, **kwargs):
+        out = real(root, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt  # as if the process were killed right after checkpoint 4 reached the disk
+        return out
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("train", cfg, run)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    assert not (run / "train").exists() and (run / "train.partial" / "checkpoints" / "step_000004").is_dir()
+
+    resumed = run_stage("train", cfg, run)
+    assert resumed["metrics"]["resumed_from_step"] == 4 and whole["metrics"]["resumed_from_step"] == 0
+    _assert_same_run(tmp_path / "whole" / "train", run / "train")
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_exactly_with_resume_flag(base, tmp_path):
+    overrides = ["train.steps=300", "train.ckpt_every=20", "train.keep_last=50", "train.eval_every=50"]
+    cfg = tiny_config(*overrides)
+    run_stage("train", cfg, _copy(base, tmp_path / "whole"))
+
+    run = _copy(base, tmp_path / "killed")
+    save_run_config(run, cfg)
+    env = {**os.environ, **ONE_THREAD_ENV}
+    cmd = [sys.executable, "-m", "sokhan", "train", "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = run / "train.partial" / "checkpoints" / "step_000040"
+    deadline = time.time() + 120
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), proc.stderr.read().decode()
+    assert not (run / "train").exists(), "the run finished before it was killed; make it longer"
+    steps_done = max(s for s, _ in ckpt.checkpoints(run / "train.partial" / "checkpoints"))
+    assert steps_done < 300
+
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from {run / 'train.partial' / 'checkpoints' / f'step_{steps_done:06d}'}" in done.stderr
+    _assert_same_run(tmp_path / "whole" / "train", run / "train")
+
+
+def test_resume_flag_without_an_interrupted_run_is_an_error(base, tmp_path):
+    run = _copy(base, tmp_path / "fresh")
+    import argparse
+
+    with pytest.raises(SokhanError, match="--resume: no checkpoint of an interrupted run"):
+        run_stage("train", tiny_config(), run, args=argparse.Namespace(resume=True))
