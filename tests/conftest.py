@@ -13,6 +13,9 @@ SAMPLE = REPO / "data" / "sample"
 
 # Progress bars off in tests; the CLI must behave the same without a terminal.
 os.environ.setdefault("SOKHAN_PROGRESS", "0")
+# Triton kernels run in Triton's CPU interpreter unless the caller chose otherwise (TRITON_INTERPRET=0 on a GPU):
+# Triton reads this when a kernel is defined, so it is set here, before any test module imports a kernel file.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
