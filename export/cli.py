@@ -1,9 +1,38 @@
 """`sokhan generate` and `sokhan predict`: torch-free, from an exported bundle."""
 
+from __future__ import annotations
 
-def add_arguments(parser, name):
-    parser.add_argument("--bundle", required=True)
+import argparse
+from pathlib import Path
 
 
-def main(args):
-    raise NotImplementedError("being written this session")
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--bundle", type=Path, required=True, help="an exported bundle (RUN/export/bundle)")
+    parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="ONNX Runtime execution provider (auto: CUDA when it loads, else CPU)")
+    parser.add_argument("--graph", default="decoder.onnx",
+                        help="which graph of the bundle to run (decoder.onnx, or a variant such as decoder.int8.onnx)")
+    parser.add_argument("--lang", choices=("fa", "zh", "en"), default=None, help="language of the text (default: detected)")
+    if name == "generate":
+        parser.add_argument("--prompt", required=True, help="text to continue")
+        parser.add_argument("--max-new-tokens", type=int, default=64)
+        parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        parser.add_argument("--top-k", type=int, default=None)
+        parser.add_argument("--seed", type=int, default=None)
+    else:
+        parser.add_argument("text", help="text whose next word to predict")
+        parser.add_argument("-k", type=int, default=5, help="how many words")
+
+
+def main(args: argparse.Namespace) -> int:
+    from sokhan.export.runtime import Decoder
+
+    decoder = Decoder(args.bundle, provider=args.provider, graph=args.graph)
+    if args.command == "generate":
+        text = decoder.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, seed=args.seed, lang=args.lang)
+        print(args.prompt + text)
+    else:
+        for word, prob in decoder.next_words(args.text, k=args.k, lang=args.lang):
+            print(f"{prob:.4f}\t{word}")
+    return 0

@@ -1,0 +1,191 @@
+"""Per-token decode latency against context length: Mamba vs transformer, ONNX Runtime vs PyTorch eager.
+
+    python benchmarks/decode.py                      # contexts 16..4096, 1 thread, CPU
+    python benchmarks/decode.py --contexts 16 64 256 --threads 2
+
+Five ways to produce the next token at batch 1 after ``context`` tokens, with untrained ``tiny`` preset models
+(vocabulary 8000, as the default tokenizer):
+
+- ``mamba_onnx``: the exported Mamba step (``decoder.onnx``) through the runtime's IOBinding path;
+- ``mamba_eager``: PyTorch ``MambaLM.step`` (default kernel dispatch);
+- ``transformer_onnx``: the exported transformer step with a KV cache of ``context`` entries;
+- ``transformer_eager``: PyTorch ``Transformer.step`` on its preallocated KV cache at position ``context``;
+- ``transformer_nocache_onnx`` / ``_eager``: no cache, the whole ``context + 1`` tokens recomputed for one token
+  (the prefill graph / ``forward``): the quadratic cost a cache avoids.
+
+The state's values do not change the work of these dense ops, so each measurement starts from a random state of
+the right shape (a cache of ``context`` entries) instead of decoding ``context`` tokens first. Each figure is the
+median of ``--reps`` timed calls after warm-up. Writes ``benchmarks/out/decode.json`` and ``decode.png`` and prints
+a markdown table. Both runtimes get the same thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sokhan.export.onnx import export_decoder, export_prefill, state_layout
+from sokhan.export.runtime import StepGraph, open_session, state_specs
+from sokhan.pipeline.models import ModelConfig, build
+from sokhan.pipeline.stage import write_json
+
+OUT = Path(__file__).resolve().parent / "out"
+VOCAB = 8000
+
+
+def median_ms(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def reps_for(context: int, base: int, quadratic: bool) -> int:
+    return max(3, base // (1 + context // 256)) if quadratic else base
+
+
+def random_state(cfg: ModelConfig, context: int, rng: np.random.Generator) -> list[np.ndarray]:
+    shapes = [[1 if d == "batch" else context if d == "past" else d for d in s["shape"]] for s in state_layout(cfg)]
+    return [rng.standard_normal(s).astype(np.float32) * 0.1 for s in shapes]
+
+
+def bench_mamba(cfg: ModelConfig, model, graph: StepGraph, contexts: list[int], reps: int, rng) -> dict:
+    out: dict[str, dict[int, float]] = {"mamba_onnx": {}, "mamba_eager": {}}
+    token = np.array([7])
+    for c in contexts:
+        state = graph.state_from_numpy(random_state(cfg, c, rng), position=c)
+        out["mamba_onnx"][c] = median_ms(lambda: graph.step(token, state), reps)
+        tstate = model.init_state(1)
+        for t, a in zip(tstate.tensors(), random_state(cfg, c, rng)):
+            t.copy_(torch.from_numpy(a))
+        ids = torch.tensor([7])
+        with torch.no_grad():
+            out["mamba_eager"][c] = median_ms(lambda: model.step(ids, tstate), reps)
+    return out
+
+
+def bench_transformer(cfg: ModelConfig, model, graph: StepGraph, prefill, contexts: list[int], reps: int, rng) -> dict:
+    out: dict[str, dict[int, float]] = {k: {} for k in
+                                        ("transformer_onnx", "transformer_eager", "transformer_nocache_onnx", "transformer_nocache_eager")}
+    token = np.array([7])
+    for c in contexts:
+        state = graph.state_from_numpy(random_state(cfg, c, rng), position=c)
+        out["transformer_onnx"][c] = median_ms(lambda: graph.step(token, state), reps)
+
+        cache = model.init_state(1)
+        for k, v in zip(cache.keys, cache.values):
+            k.normal_(0, 0.1)
+            v.normal_(0, 0.1)
+        ids = torch.tensor([7])
+
+        def eager_step():
+            cache.position.fill_(c)  # step advances it; every call decodes the token at position c
+            model.step(ids, cache)
+
+        with torch.no_grad():
+            out["transformer_eager"][c] = median_ms(eager_step, reps)
+
+        seq = rng.integers(0, cfg.vocab_size, size=(1, c + 1))
+        feed = {"input_ids": seq, "position_ids": np.arange(c + 1)[None]}
+        n = reps_for(c, reps, quadratic=True)
+        out["transformer_nocache_onnx"][c] = median_ms(lambda: prefill.run(["logits"], feed), n, warmup=1)
+        tseq = torch.from_numpy(seq)
+        with torch.no_grad():
+            out["transformer_nocache_eager"][c] = median_ms(lambda: model(tseq)[:, -1], n, warmup=1)
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sokhan.pipeline.plotting import save
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"onnx": "-", "eager": "--"}
+    for name, series in results.items():
+        xs = sorted(series)
+        ax.plot(xs, [series[x] for x in xs], styles["onnx" if "onnx" in name else "eager"], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("time per generated token (ms)")
+    ax.set_title("Decode latency at batch 1, CPU")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, path)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[16, 64, 256, 1024, 2048, 4096])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--preset", default="tiny", choices=("tiny", "small", "base"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    results: dict[str, dict[int, float]] = {}
+    sizes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in ("mamba", "transformer"):
+            cfg = ModelConfig(arch=arch, preset=args.preset, max_seq_len=max(args.contexts) + 8).resolve(VOCAB)
+            model = build(cfg).eval()
+            sizes[arch] = {"params": sum(p.numel() for p in model.parameters()), "d_model": cfg.d_model, "n_layers": cfg.n_layers}
+            path = Path(tmp) / f"{arch}.onnx"
+            export_decoder(model, cfg, path)
+            specs = state_specs({"state": state_layout(cfg)})
+            graph = StepGraph(open_session(path, "cpu", args.threads), specs, arch == "transformer")
+            if arch == "mamba":
+                results |= bench_mamba(cfg, model, graph, args.contexts, args.reps, rng)
+            else:
+                export_prefill(model, cfg, Path(tmp) / "prefill.onnx")
+                prefill = open_session(Path(tmp) / "prefill.onnx", "cpu", args.threads)
+                results |= bench_transformer(cfg, model, graph, prefill, args.contexts, args.reps, rng)
+
+    cs = args.contexts
+    summary = {}
+    if 64 in cs and 2048 in cs:
+        summary["mamba_onnx_2048_over_64"] = results["mamba_onnx"][2048] / results["mamba_onnx"][64]
+    for arch in ("mamba", "transformer"):
+        summary[f"{arch}_onnx_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx"][c] for c in cs}
+    report = {
+        "device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} thread(s)",
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "torch": torch.__version__,
+        "preset": args.preset, "vocab_size": VOCAB, "models": sizes, "batch": 1,
+        "ms_per_token": {k: {str(c): round(v, 4) for c, v in s.items()} for k, s in results.items()},
+        "summary": summary,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    write_json(OUT / "decode.json", report)
+    plot(results, OUT / "decode.png")
+
+    names = list(results)
+    print(f"Per-token decode latency (ms), batch 1, {report['device']}, {args.preset} models, vocab {VOCAB}\n")
+    print("| context | " + " | ".join(names) + " |")
+    print("|---:|" + "---:|" * len(names))
+    for c in cs:
+        print(f"| {c} | " + " | ".join(f"{results[n][c]:.3f}" for n in names) + " |")
+    print()
+    for k, v in summary.items():
+        print(f"- {k}: " + (f"{v:.2f}" if isinstance(v, float) else ", ".join(f"{c}: {x:.1f}x" for c, x in v.items())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Export the one-token decode step (and optionally a whole-prompt prefill) of a sokhan model to ONNX.
+
+The graph is the model's ``step`` with the state flattened into named inputs and outputs, in the names
+onnxruntime-genai and optimum use:
+
+- Mamba: ``input_ids`` (B, 1) and per layer ``past_key_values.{i}.conv_state`` (B, D_inner, d_conv),
+  ``past_key_values.{i}.recurrent_state`` (B, D_inner, N) -> ``logits`` (B, V), ``present.{i}.conv_state``,
+  ``present.{i}.recurrent_state``.
+- Transformer: ``input_ids`` (B, 1), ``position_ids`` (B, 1) and per layer ``past_key_values.{i}.key`` /
+  ``.value`` (B, nh, P, hs) -> ``logits`` (B, V), ``present.{i}.key`` / ``.value`` (B, nh, P + 1, hs). The
+  transformer graph is ``forward_with_past`` (concatenation), so P is a dynamic axis and P = 0 starts a sequence.
+
+The export traces under ``dispatch.use("reference")`` (plain PyTorch ops), with example batch 2 and past 3: the
+dynamo exporter specialises any axis whose example size is 0 or 1, so the examples must be at least 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sokhan import SokhanError, __version__
+from sokhan.export.runtime import BUNDLE_FORMAT, BUNDLE_VERSION, DECODER
+from sokhan.pipeline.models.config import ModelConfig
+
+EXAMPLE_BATCH = 2
+EXAMPLE_PAST = 3
+EXAMPLE_PROMPT = 5
+METADATA_KEY = "sokhan.config"
+
+
+def state_layout(cfg: ModelConfig) -> list[dict[str, Any]]:
+    """Per state tensor, in ``state.tensors()`` order: graph input and output names, shape, dtype."""
+    out = []
+    for i in range(cfg.n_layers):
+        if cfg.arch == "mamba":
+            pairs = (("conv_state", [cfg.d_inner, cfg.d_conv]), ("recurrent_state", [cfg.d_inner, cfg.d_state]))
+            out += [{"input": f"past_key_values.{i}.{n}", "output": f"present.{i}.{n}", "shape": ["batch", *s], "dtype": "float32"}
+                    for n, s in pairs]
+        else:
+            shape = ["batch", cfg.n_heads, "past", cfg.d_model // cfg.n_heads]
+            out += [{"input": f"past_key_values.{i}.{n}", "output": f"present.{i}.{n}", "shape": shape, "dtype": "float32"}
+                    for n in ("key", "value")]
+    return out
+
+
+class MambaStep(nn.Module):
+    """input_ids (B, 1), state tensors -> logits (B, V), new state tensors: ``model.step`` made functional."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, state: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        from sokhan.pipeline.models.state import MambaState
+
+        # step updates its state in place; the graph's inputs must stay untouched, so it works on copies.
+        st = MambaState.from_tensors([t.clone() for t in state])
+        logits, st = self.model.step(input_ids[:, 0], st)
+        return (logits, *st.tensors())
+
+
+class TransformerStep(nn.Module):
+    """input_ids, position_ids (B, T), past k/v (B, nh, P, hs) -> last logits (B, V), present (B, nh, P + T, hs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        pairs = list(zip(past[0::2], past[1::2]))
+        logits, present = self.model.forward_with_past(input_ids, position_ids, pairs)
+        return (logits[:, -1], *[t for kv in present for t in kv])
+
+
+def _example_state(model: nn.Module, cfg: ModelConfig) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [[EXAMPLE_BATCH if d == "batch" else EXAMPLE_PAST if d == "past" else d for d in s["shape"]] for s in state_layout(cfg)]
+    return [torch.randn(s, generator=g) * 0.1 for s in shapes]
+
+
+def export_decoder(model: nn.Module, cfg: ModelConfig, path: Path, opset: int = 18) -> None:
+    """Write the one-token step graph of ``model`` (eval mode, float32, CPU) to ``path``, weights inside."""
+    from torch.export import Dim
+
+    layout = state_layout(cfg)
+    batch = Dim("batch", min=1, max=4096)
+    ids = torch.randint(0, cfg.vocab_size, (EXAMPLE_BATCH, 1))
+    state = _example_state(model, cfg)
+    names_in = ["input_ids"] + [s["input"] for s in layout]
+    names_out = ["logits"] + [s["output"] for s in layout]
+    if cfg.arch == "mamba":
+        wrapper: nn.Module = MambaStep(model)
+        args: tuple = (ids, state)
+        dynamic: dict = {"input_ids": {0: batch}, "state": [{0: batch} for _ in layout]}
+    else:
+        past = Dim("past", min=0, max=cfg.max_seq_len - 1)
+        wrapper = TransformerStep(model)
+        args = (ids, torch.full((EXAMPLE_BATCH, 1), EXAMPLE_PAST), state)
+        dynamic = {"input_ids": {0: batch}, "position_ids": {0: batch}, "past": [{0: batch, 2: past} for _ in layout]}
+        names_in.insert(1, "position_ids")
+    _export(wrapper.eval(), args, dynamic, names_in, names_out, path, opset)
+
+
+def export_prefill(model: nn.Module, cfg: ModelConfig, path: Path, opset: int = 18) -> None:
+    """Write a transformer graph that consumes a whole prompt from an empty state.
+
+    input_ids, position_ids (B, T) -> last logits (B, V) and ``present.{i}.key/.value`` (B, nh, T, hs), which the
+    step graph takes as its past. Mamba has none: its reference scan is a Python loop over the sequence, which
+    tracing unrolls into a graph for one prompt length only; Mamba bundles run the prompt through the step graph.
+    """
+    from torch.export import Dim
+
+    if cfg.arch != "transformer":
+        raise SokhanError(
+            "export.prefill = true: only the transformer has a prefill graph (Mamba's scan unrolls over the prompt "
+            "length when traced); set export.prefill = false for Mamba"
+        )
+    layout = state_layout(cfg)
+    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=cfg.max_seq_len)
+    ids = torch.randint(0, cfg.vocab_size, (EXAMPLE_BATCH, EXAMPLE_PROMPT))
+    positions = torch.arange(EXAMPLE_PROMPT).expand(EXAMPLE_BATCH, -1).contiguous()
+    dynamic = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
+    names_out = ["logits"] + [s["output"] for s in layout]
+    _export(TransformerPrefill(model, cfg).eval(), (ids, positions), dynamic, ["input_ids", "position_ids"], names_out, path, opset)
+
+
+class TransformerPrefill(nn.Module):
+    def __init__(self, model: nn.Module, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.n_layers, self.n_heads, self.head_dim = cfg.n_layers, cfg.n_heads, cfg.d_model // cfg.n_heads
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        empty = input_ids.new_zeros((input_ids.shape[0], self.n_heads, 0, self.head_dim), dtype=torch.float32)
+        logits, present = self.model.forward_with_past(input_ids, position_ids, [(empty, empty)] * self.n_layers)
+        return (logits[:, -1], *[t for kv in present for t in kv])
+
+
+def _export(wrapper: nn.Module, args: tuple, dynamic: dict, names_in: list[str], names_out: list[str], path: Path, opset: int) -> None:
+    import onnx
+
+    from sokhan.kernels import dispatch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    # The exporter reports progress on stdout and logs/warns about its internals; the stage reports what matters.
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with dispatch.use("reference"), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper, args, str(tmp), input_names=names_in, output_names=names_out, opset_version=opset,
+                dynamo=True, dynamic_shapes=dynamic, external_data=False,
+            )
+    finally:
+        log.setLevel(level)
+    # torch.export may fix an axis marked dynamic without a word (size-1 examples, unrolled loops): check the graph.
+    graph = onnx.load(str(tmp), load_external_data=False).graph
+    flat = [dynamic[k] for k in dynamic if not isinstance(dynamic[k], list)] + [d for k in dynamic if isinstance(dynamic[k], list) for d in dynamic[k]]
+    for value, axes in zip(graph.input, flat):
+        dims = value.type.tensor_type.shape.dim
+        fixed = [a for a in axes if dims[a].HasField("dim_value")]
+        if fixed:
+            tmp.unlink()
+            raise SokhanError(f"ONNX export of {path.name}: input {value.name} axis {fixed[0]} came out fixed at {dims[fixed[0]].dim_value}, not dynamic")
+    tmp.replace(path)
+
+
+def write_metadata(path: Path, config: dict[str, Any]) -> None:
+    """Put the bundle config into the graph's ``metadata_props`` and check the model; rewrites ``path``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in ((METADATA_KEY, json.dumps(config, ensure_ascii=False)), ("sokhan.version", __version__),
+                       ("sokhan.arch", config["arch"])):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name = "sokhan"
+    onnx.checker.check_model(model, full_check=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
+
+
+def bundle_config(cfg: ModelConfig, special_tokens: dict[str, int], opset: int, prefill: bool) -> dict[str, Any]:
+    """``config.json`` of a bundle: what the runtime needs to drive the graph without torch."""
+    from sokhan.pipeline.config import to_dict
+
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "sokhan_version": __version__,
+        "arch": cfg.arch,
+        "model": to_dict(cfg),
+        "vocab_size": cfg.vocab_size,
+        "special_tokens": special_tokens,
+        "opset": opset,
+        "decoder": DECODER,
+        "prefill": "prefill.onnx" if prefill else None,
+        "uses_position_ids": cfg.arch == "transformer",
+        "max_context": cfg.max_seq_len if cfg.arch == "transformer" else None,
+        "state": state_layout(cfg),
+        "variants": {},
+    }

@@ -1,0 +1,333 @@
+"""Run an exported bundle with ONNX Runtime: generation and next-word prediction, without torch.
+
+A bundle (``RUN/export/bundle/``) holds ``decoder.onnx`` (one decode step: ``input_ids`` (B, 1) and the state in,
+``logits`` (B, V) and the new state out), ``tokenizer.json`` + ``segmenter.json``, and ``config.json``, which
+names every state tensor and its shape. ``Decoder`` checks the three against each other when it opens them, so a
+bad bundle fails with one line naming the file and the problem, not inside a session run.
+
+The state stays an ONNX Runtime ``OrtValue`` between steps, bound with IOBinding: on CUDA it never leaves the
+device; only the logits come back to the host. This module imports numpy, onnxruntime and
+``sokhan.tokenization``, never torch (a test runs it in a fresh interpreter and checks ``sys.modules``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sokhan import SokhanError
+
+BUNDLE_FORMAT = "sokhan-bundle"
+BUNDLE_VERSION = 1
+CONFIG = "config.json"
+DECODER = "decoder.onnx"
+TOKENIZER = "tokenizer.json"
+SEGMENTER = "segmenter.json"
+EOS = "<|eos|>"
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+_NOTICED = False  # the CPU-fallback notice is said once per process
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor: its graph input and output names, shape (ints, ``"batch"`` and ``"past"``) and dtype."""
+
+    input: str
+    output: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+
+    def zeros(self, batch: int) -> np.ndarray:
+        """The state before the first token: zeros, and an empty past for a KV cache."""
+        dims = [batch if d == "batch" else 0 if d == "past" else d for d in self.shape]
+        return np.zeros(dims, dtype=_DTYPES[self.dtype])
+
+
+@dataclass
+class DecodeState:
+    """The recurrent state between steps: one ``OrtValue`` per ``StateSpec``, and the next position."""
+
+    tensors: list[Any]  # onnxruntime.OrtValue, in config order
+    position: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.tensors[0].shape()[0]
+
+
+def read_config(bundle: Path) -> dict[str, Any]:
+    path = bundle / CONFIG
+    if not bundle.is_dir():
+        raise SokhanError(f"{bundle}: no such bundle directory (export one with `sokhan export --run-dir RUN`)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SokhanError(f"{path}: missing; a bundle holds {CONFIG}, {DECODER}, {TOKENIZER} and {SEGMENTER}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SokhanError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != BUNDLE_FORMAT:
+        raise SokhanError(f"{path}: not a sokhan bundle config (expected \"format\": \"{BUNDLE_FORMAT}\")")
+    if cfg.get("format_version") != BUNDLE_VERSION:
+        raise SokhanError(f"{path}: bundle format_version {cfg.get('format_version')!r}; this sokhan reads {BUNDLE_VERSION}")
+    for key in ("arch", "vocab_size", "special_tokens", "state", "uses_position_ids"):
+        if key not in cfg:
+            raise SokhanError(f"{path}: missing key {key!r}")
+    return cfg
+
+
+def state_specs(cfg: dict[str, Any]) -> list[StateSpec]:
+    try:
+        return [StateSpec(s["input"], s["output"], tuple(s["shape"]), s.get("dtype", "float32")) for s in cfg["state"]]
+    except (KeyError, TypeError) as e:
+        raise SokhanError(f"{CONFIG}: key 'state' must be a list of {{input, output, shape, dtype}} ({e})") from None
+
+
+def _providers(provider: str) -> list[str]:
+    import onnxruntime as ort
+
+    if provider not in ("auto", "cuda", "cpu"):
+        raise SokhanError(f"provider {provider!r}: valid providers are auto, cuda, cpu")
+    available = ort.get_available_providers()
+    if provider == "cpu" or "CUDAExecutionProvider" not in available:
+        if provider == "cuda":
+            raise SokhanError("provider 'cuda': this onnxruntime build has no CUDA provider (install onnxruntime-gpu)")
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def open_session(path: Path, provider: str = "auto", threads: int | None = None):
+    """An ``InferenceSession`` for ``path``; a missing or unreadable model is one SokhanError line."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise SokhanError(f"{path}: missing ONNX graph")
+    providers = _providers(provider)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    # A CUDA provider that cannot load (no GPU, missing libraries) logs through the default logger; the notice below says it in one line.
+    ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SokhanError(f"{path}: ONNX Runtime cannot load this graph ({first})") from None
+    finally:
+        ort.set_default_logger_severity(2)
+    used = session.get_providers()
+    if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in used:
+        if provider == "cuda":
+            raise SokhanError(f"{path}: provider 'cuda' requested but the CUDA provider did not load (no GPU or CUDA libraries)")
+        global _NOTICED
+        if not _NOTICED:
+            print("sokhan: CUDA provider unavailable, running on CPU", file=sys.stderr)
+            _NOTICED = True
+    return session
+
+
+def check_graph(session, cfg: dict[str, Any], specs: list[StateSpec], path: Path, prefill: bool = False) -> None:
+    """The graph's inputs and outputs are those ``config.json`` describes, with the same fixed sizes.
+
+    ``prefill``: the prompt graph, which takes no state in.
+    """
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    want_in = ["input_ids"] + (["position_ids"] if cfg["uses_position_ids"] else []) + ([] if prefill else [s.input for s in specs])
+    want_out = ["logits"] + [s.output for s in specs]
+    for kind, have, want in (("input", inputs, want_in), ("output", outputs, want_out)):
+        missing = [n for n in want if n not in have]
+        extra = [n for n in have if n not in want]
+        if missing or extra:
+            raise SokhanError(
+                f"{path}: graph {kind}s do not match {CONFIG}: "
+                + "; ".join(p for p in (missing and f"missing {missing}", extra and f"unexpected {extra}") if p)
+            )
+    vocab = outputs["logits"].shape[-1]
+    if isinstance(vocab, int) and vocab != cfg["vocab_size"]:
+        raise SokhanError(f"{path}: graph logits have {vocab} entries but {CONFIG} says vocab_size = {cfg['vocab_size']}")
+    for spec in specs:
+        shape = (outputs[spec.output] if prefill else inputs[spec.input]).shape
+        if len(shape) != len(spec.shape):
+            raise SokhanError(f"{path}: input {spec.input} has rank {len(shape)} but {CONFIG} gives shape {list(spec.shape)}")
+        for got, want in zip(shape, spec.shape):
+            if isinstance(want, int) and isinstance(got, int) and got != want:
+                raise SokhanError(f"{path}: input {spec.input} has shape {shape} but {CONFIG} gives {list(spec.shape)}")
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row of ``logits`` (B, V): argmax at temperature 0, else softmax sampling (top-k first)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    x = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < x.shape[-1]:
+        kth = np.partition(x, -top_k, axis=-1)[:, -top_k][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+
+class StepGraph:
+    """A step graph driven through IOBinding: the state stays on the provider's device, only logits come back."""
+
+    def __init__(self, session, specs: list[StateSpec], uses_position_ids: bool) -> None:
+        self.session = session
+        self.specs = specs
+        self.uses_position_ids = uses_position_ids
+        self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    def state_from_numpy(self, arrays: Sequence[np.ndarray], position: int = 0) -> DecodeState:
+        import onnxruntime as ort
+
+        return DecodeState([ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0) for a in arrays], position)
+
+    def init_state(self, batch_size: int = 1) -> DecodeState:
+        return self.state_from_numpy([s.zeros(batch_size) for s in self.specs])
+
+    def step(self, ids: np.ndarray, state: DecodeState) -> tuple[np.ndarray, DecodeState]:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1, 1)  # (B, 1)
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        if self.uses_position_ids:
+            io.bind_cpu_input("position_ids", np.full_like(ids, state.position))
+        for spec, value in zip(self.specs, state.tensors):
+            io.bind_ortvalue_input(spec.input, value)
+        io.bind_output("logits", "cpu")
+        for spec in self.specs:
+            io.bind_output(spec.output, self.device, 0)
+        self.session.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0].numpy(), DecodeState(list(out[1:]), state.position + 1)
+
+
+class Decoder:
+    """An exported bundle, ready to generate text and predict next words.
+
+    ``provider``: ``"auto"`` (CUDA when it loads, else CPU with a one-line notice), ``"cuda"`` or ``"cpu"``.
+    ``graph``: the ONNX file in the bundle to run (``decoder.onnx``; a bundle may add ``decoder.fp16.onnx`` or
+    ``decoder.int8.onnx``, listed in ``config.json``'s ``variants``).
+    """
+
+    def __init__(self, bundle_dir: str | Path, provider: str = "auto", graph: str = DECODER, threads: int | None = None):
+        from sokhan.tokenization import Tokenizer
+
+        self.bundle = Path(bundle_dir)
+        self.config = read_config(self.bundle)
+        self.specs = state_specs(self.config)
+        for name in (TOKENIZER, SEGMENTER):
+            if not (self.bundle / name).is_file():
+                raise SokhanError(f"{self.bundle / name}: missing; the bundle must carry the tokenizer it was trained with")
+        try:
+            self.tokenizer = Tokenizer.load(self.bundle / TOKENIZER)
+        except SokhanError:
+            raise
+        except Exception as e:  # a corrupt tokenizer file: the tokenizers library's own errors
+            raise SokhanError(f"{self.bundle / TOKENIZER}: cannot load the tokenizer ({e})") from None
+        if self.tokenizer.vocab_size != self.config["vocab_size"]:
+            raise SokhanError(
+                f"{self.bundle / TOKENIZER}: vocabulary of {self.tokenizer.vocab_size} tokens but {CONFIG} says {self.config['vocab_size']}"
+            )
+        path = self.bundle / graph
+        self.session = open_session(path, provider, threads)
+        check_graph(self.session, self.config, self.specs, path)
+        self.prefill_session = None
+        if self.config.get("prefill") and graph == DECODER:
+            prefill_path = self.bundle / self.config["prefill"]
+            self.prefill_session = open_session(prefill_path, provider, threads)
+            check_graph(self.prefill_session, self.config, self.specs, prefill_path, prefill=True)
+        self.providers = self.session.get_providers()
+        self.graph = StepGraph(self.session, self.specs, self.config["uses_position_ids"])
+        self.device = self.graph.device
+        self.max_context: int | None = self.config.get("max_context")
+        self.eos = self.config["special_tokens"].get(EOS)
+
+    def init_state(self, batch_size: int = 1) -> DecodeState:
+        return self.graph.init_state(batch_size)
+
+    def step(self, ids: np.ndarray, state: DecodeState) -> tuple[np.ndarray, DecodeState]:
+        """One token per row: ``ids`` (B,) int -> logits (B, V) float32 and the new state (``state`` is unchanged)."""
+        if self.max_context is not None and state.position >= self.max_context:
+            raise SokhanError(f"context of {state.position + 1} tokens exceeds the model's max_context = {self.max_context}")
+        return self.graph.step(ids, state)
+
+    def _prefill_graph(self, ids: Sequence[int], batch_size: int) -> tuple[np.ndarray, DecodeState]:
+        tokens = np.tile(np.asarray(ids, dtype=np.int64), (batch_size, 1))  # (B, T)
+        io = self.prefill_session.io_binding()
+        io.bind_cpu_input("input_ids", tokens)
+        io.bind_cpu_input("position_ids", np.tile(np.arange(len(ids), dtype=np.int64), (batch_size, 1)))
+        io.bind_output("logits", "cpu")
+        for spec in self.specs:
+            io.bind_output(spec.output, self.device, 0)
+        self.prefill_session.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0].numpy(), DecodeState(list(out[1:]), len(ids))
+
+    def encode_prompt(self, text: str, lang: str | None = None) -> list[int]:
+        """Token ids of a prompt as training saw a line: the language tag, then the text's tokens."""
+        from sokhan.tokenization import detect_language
+
+        lang = lang or detect_language(text) or "en"
+        return [self.tokenizer.lang_id(lang), *self.tokenizer.encode(text, lang=lang)]
+
+    def prefill(self, ids: Sequence[int], batch_size: int = 1) -> tuple[np.ndarray, DecodeState]:
+        """Run the prompt ``ids`` from an empty state; returns the last logits (B, V) and the state after it.
+
+        With a prefill graph in the bundle the prompt goes through it in one call, else token by token.
+        """
+        if not ids:
+            raise SokhanError("empty prompt: give at least one character of text")
+        if self.max_context is not None and len(ids) > self.max_context:
+            raise SokhanError(f"prompt of {len(ids)} tokens exceeds the model's max_context = {self.max_context}")
+        if self.prefill_session is not None:
+            return self._prefill_graph(ids, batch_size)
+        state = self.init_state(batch_size)
+        logits = None
+        for i in ids:
+            logits, state = self.step(np.full(batch_size, i, dtype=np.int64), state)
+        return logits, state
+
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        lang: str | None = None,
+    ) -> str:
+        """The continuation of ``prompt`` (without the prompt): greedy at temperature 0, else sampled.
+
+        Stops at ``<|eos|>``, after ``max_new_tokens`` tokens, or when the context reaches the model's maximum.
+        """
+        if max_new_tokens < 0:
+            raise SokhanError(f"max_new_tokens = {max_new_tokens} must be >= 0")
+        if top_k is not None and top_k < 1:
+            raise SokhanError(f"top_k = {top_k} must be >= 1")
+        rng = np.random.default_rng(seed)
+        ids = self.encode_prompt(prompt, lang)
+        logits, state = self.prefill(ids)
+        new: list[int] = []
+        for n in range(max_new_tokens):
+            token = int(sample(logits, temperature, top_k, rng)[0])
+            if token == self.eos:
+                break
+            new.append(token)
+            if n + 1 == max_new_tokens or (self.max_context is not None and state.position >= self.max_context):
+                break
+            logits, state = self.step(np.array([token]), state)
+        return self.tokenizer.decode(new)
+
+    def next_words(self, text: str, k: int = 5, lang: str | None = None, **search) -> list[tuple[str, float]]:
+        """The ``k`` most likely next words after ``text`` with their probabilities (see ``sokhan.export.nextword``)."""
+        from sokhan.export.nextword import default_splitter, next_words
+        from sokhan.tokenization import detect_language
+
+        lang = lang or detect_language(text) or "en"
+        logits, state = self.prefill(self.encode_prompt(text, lang))
+        return next_words(self.step, state, logits[0], self.tokenizer, k=k, split=default_splitter(self.tokenizer, lang), **search)

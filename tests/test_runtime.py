@@ -1,0 +1,253 @@
+"""The torch-free runtime: generation, next-word prediction, the CLI, and one-line errors for bad bundles."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sokhan import SokhanError
+from sokhan.export.nextword import INVALID, first_word, next_words
+from sokhan.export.runtime import Decoder
+from tiny_bundle import FULL, tiny_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Path:
+    return tiny_bundle("transformer")
+
+
+@pytest.fixture(scope="module")
+def decoder(bundle) -> Decoder:
+    return Decoder(bundle, provider="cpu")
+
+
+def test_greedy_generation_is_the_torch_greedy_continuation(bundle, decoder):
+    import torch
+
+    from sokhan.pipeline.train.checkpoint import load_model
+    from tiny_bundle import tiny_run
+
+    model, _ = load_model(tiny_run("transformer") / "train")
+    ids = decoder.encode_prompt("i saw the book", "en")
+    assert ids[0] == decoder.tokenizer.lang_id("en")
+    with torch.no_grad():
+        logits, state = model.prefill(torch.tensor([ids]))
+        want = []
+        nxt = int(logits[0, -1].argmax())
+        for _ in range(10):
+            if nxt == decoder.eos:
+                break
+            want.append(nxt)
+            logits, state = model.step(torch.tensor([nxt]), state)
+            nxt = int(logits[0].argmax())
+    got = decoder.generate("i saw the book", max_new_tokens=len(want), lang="en")
+    assert got == decoder.tokenizer.decode(want)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(decoder):
+    a = decoder.generate("我 喜欢", max_new_tokens=12, temperature=1.0, seed=7)
+    b = decoder.generate("我 喜欢", max_new_tokens=12, temperature=1.0, seed=7)
+    assert a == b
+    assert decoder.generate("我 喜欢", 12, temperature=0.8, top_k=1, seed=3) == decoder.generate("我 喜欢", 12)
+
+
+def test_prefill_graph_and_stepping_agree():
+    stepped = Decoder(tiny_bundle("transformer"), provider="cpu")
+    fused = Decoder(tiny_bundle("transformer", *FULL), provider="cpu")
+    assert fused.prefill_session is not None and stepped.prefill_session is None
+    ids = stepped.encode_prompt("you went to the house", "en")
+    (la, sa), (lb, sb) = stepped.prefill(ids), fused.prefill(ids)
+    np.testing.assert_allclose(la, lb, atol=1e-4, rtol=0)
+    assert sa.position == sb.position == len(ids)
+    assert fused.generate("you went to the house", 8) == stepped.generate("you went to the house", 8)
+
+
+def test_batched_step_rows_are_independent(decoder):
+    state = decoder.init_state(3)
+    rows = np.array([5, 17, 5])
+    logits, state = decoder.step(rows, state)
+    logits, state = decoder.step(np.array([9, 9, 9]), state)
+    np.testing.assert_allclose(logits[0], logits[2], atol=1e-6)
+    assert not np.allclose(logits[0], logits[1])
+    assert state.batch_size == 3 and state.position == 2
+
+
+def test_cuda_requested_without_cuda_is_one_line(bundle):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in Decoder(bundle, provider="auto").providers:
+        pytest.skip("CUDA works here; the error path needs a machine without it")
+    with pytest.raises(SokhanError, match="cuda") as e:
+        Decoder(bundle, provider="cuda")
+    assert "\n" not in str(e.value)
+    assert "CUDAExecutionProvider" in ort.get_available_providers() or "no CUDA provider" in str(e.value)
+
+
+def test_context_limit_is_a_clear_error(decoder):
+    with pytest.raises(SokhanError, match="max_context"):
+        decoder.prefill([5] * (decoder.max_context + 1))
+
+
+def test_next_words_from_the_bundle(decoder):
+    words = decoder.next_words("the book", k=3, lang="en")
+    assert 1 <= len(words) <= 3
+    probs = [p for _, p in words]
+    assert probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1 and sum(probs) <= 1 + 1e-9
+    assert all(w and w == w.strip() and INVALID not in w for w, _ in words)
+
+
+class CharTokenizer:
+    """Token i is character ``ALPHABET[i]``; the last id is <|eos|>. Words split at spaces and punctuation."""
+
+    ALPHABET = "ab ."
+    special_tokens = {"<|eos|>": 4, "<|bos|>": 5}
+
+    def decode(self, ids):
+        return "".join(self.ALPHABET[i] for i in ids if i < 4)
+
+    def segment(self, text, lang):
+        import re
+
+        return re.findall(r"\s*\w+|\s*[^\w\s]+|\s+", text)
+
+
+def test_next_words_exact_probabilities_on_a_known_chain():
+    """A model whose next-character distribution is fixed by the text so far: the word probabilities are known.
+
+    After "": a 0.6, b 0.4. After "a": " " 0.5, "b" 0.5. After "ab": " " 1. After "b": "." 1 -> words a 0.3,
+    ab 0.3, b 0.4. <|bos|> never comes out, and nothing past the beam is counted.
+    """
+    table = {"": {0: 0.6, 1: 0.4}, "a": {2: 0.5, 1: 0.5}, "ab": {2: 1.0}, "b": {3: 1.0}}
+    tok = CharTokenizer()
+
+    def logits_for(text):
+        out = np.full(6, -1e9)
+        for i, p in table.get(text, {4: 1.0}).items():
+            out[i] = math.log(p)
+        out[5] = 50.0 if text == "" else -1e9  # a special token the search must never take
+        return out
+
+    def step(ids, state):
+        text = state + tok.decode([int(ids[0])])
+        return logits_for(text)[None], text
+
+    got = dict(next_words(step, "", logits_for(""), tok, k=5, beam=4, split=lambda t: tok.segment(t, "en")))
+    got = {w.strip(): p for w, p in got.items()}
+    assert set(got) == {"a", "ab", "b"}
+    assert got["a"] == pytest.approx(0.3) and got["ab"] == pytest.approx(0.3) and got["b"] == pytest.approx(0.4)
+
+
+def test_first_word_boundaries():
+    split = CharTokenizer().segment
+    words = lambda t: [p.strip() for p in split(t, "en") if p.strip()]  # noqa: E731
+    assert first_word(" ab", words, final=False) is None
+    assert first_word(" ab ", words, final=False) == "ab"
+    assert first_word(" ab.", words, final=False) == "ab"
+    assert first_word(" ab", words, final=True) == "ab"
+    assert first_word("ab\ufffd", words, final=False) is None  # inside a multi-byte character
+    assert first_word("\ufffdb", words, final=False) == INVALID
+
+
+def test_runtime_path_never_imports_torch(bundle):
+    """Generation and prediction, from Python and through the CLI, in an interpreter where torch cannot load."""
+    script = f"""
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, NoTorch())
+from sokhan.export.runtime import Decoder
+d = Decoder({str(bundle)!r}, provider="cpu")
+assert d.generate("the book", 4, lang="en") is not None
+assert d.next_words("我 喜欢", k=2)
+from sokhan.pipeline.cli import main
+assert main(["generate", "--bundle", {str(bundle)!r}, "--prompt", "the", "--max-new-tokens", "3", "--provider", "cpu"]) == 0
+assert main(["predict", "--bundle", {str(bundle)!r}, "-k", "2", "--provider", "cpu", "کتاب"]) == 0
+assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))
+print("TORCH-FREE OK")
+"""
+    env = dict(os.environ, SOKHAN_PROGRESS="0")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "TORCH-FREE OK" in out.stdout
+
+
+def test_cli_generate_and_predict(bundle, capsys):
+    from sokhan.pipeline.cli import main
+
+    assert main(["generate", "--bundle", str(bundle), "--prompt", "i saw", "--max-new-tokens", "5", "--provider", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("i saw")
+    assert main(["predict", "--bundle", str(bundle), "-k", "2", "--provider", "cpu", "i saw the"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert 1 <= len(lines) <= 2 and all(float(line.split("\t")[0]) >= 0 for line in lines)
+
+
+def _broken(bundle: Path, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    edit(copy)
+    return copy
+
+
+def _edit_config(key, value):
+    def edit(d: Path):
+        cfg = json.loads((d / "config.json").read_text())
+        if callable(value):
+            value(cfg)
+        else:
+            cfg[key] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    return edit
+
+
+def _rename_state(cfg):
+    cfg["state"][0]["input"] = "past.0.k"
+
+
+def _resize_state(cfg):
+    cfg["state"][1]["shape"][3] = 17
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: (d / "decoder.onnx").unlink(), r"decoder\.onnx: missing ONNX graph"),
+        (lambda d: (d / "config.json").unlink(), r"config\.json: missing"),
+        (lambda d: (d / "segmenter.json").unlink(), r"segmenter\.json: missing"),
+        (lambda d: (d / "decoder.onnx").write_bytes(b"\x08\x07not an onnx model" * 10), r"decoder\.onnx: ONNX Runtime cannot load"),
+        (lambda d: (d / "config.json").write_text("{not json"), r"config\.json: not valid JSON"),
+        (_edit_config("vocab_size", 123), r"vocab"),
+        (_edit_config("state", _rename_state), r"graph inputs do not match config\.json: missing \['past\.0\.k'\]"),
+        (_edit_config("uses_position_ids", False), r"unexpected \['position_ids'\]"),
+        (_edit_config("state", _resize_state), r"input past_key_values\.0\.value has shape \['batch', 2, 'past', 16\]"),
+        (_edit_config("format", "something-else"), r"not a sokhan bundle"),
+    ],
+    ids=["no-graph", "no-config", "no-segmenter", "corrupt-onnx", "bad-json", "vocab-mismatch", "input-names", "position-ids",
+         "state-shape", "format"],
+)
+def test_bad_bundle_is_one_line(bundle, tmp_path, edit, message):
+    broken = _broken(bundle, tmp_path, edit)
+    with pytest.raises(SokhanError, match=message) as e:
+        Decoder(broken, provider="cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_bad_bundle_through_the_cli_exits_2(bundle, tmp_path, capsys):
+    from sokhan.pipeline.cli import main
+
+    broken = _broken(bundle, tmp_path, lambda d: (d / "decoder.onnx").write_bytes(b"garbage"))
+    assert main(["predict", "--bundle", str(broken), "--provider", "cpu", "hello"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sokhan: error:") and "decoder.onnx" in err[0]
