@@ -83,7 +83,7 @@ def _resolve_config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sokhan.pipeline.stage import STAGES, run_stage, save_run_config
+    from sokhan.pipeline.stage import STAGES, run_stage, save_run_config, stage_module
 
     config = _resolve_config(args)
     save_run_config(args.run_dir, config)
@@ -96,7 +96,10 @@ def _run(args: argparse.Namespace) -> int:
             if name in names:
                 run_stage(name, config, args.run_dir, force=args.force, args=args)
     else:
-        run_stage(args.stage, config, args.run_dir, force=args.force, args=args)
+        # A stage may answer some of its flags itself, outside the runner (evaluate --text: prints, writes nothing).
+        direct = getattr(stage_module(args.stage), "direct", None)
+        if direct is None or not direct(args, config):
+            run_stage(args.stage, config, args.run_dir, force=args.force, args=args)
     return 0
 
 
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except SokhanError as e:
         print(f"sokhan: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("sokhan: interrupted; finished stages are kept, the interrupted one is not published", file=sys.stderr)
         return 130

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from sokhan import SokhanError
+from sokhan import CheckFailed, SokhanError
 from sokhan.export.onnx import METADATA_KEY, export_prefill
 from sokhan.export.runtime import open_session
 from sokhan.pipeline.stage import run_stage
@@ -191,8 +191,9 @@ def test_failed_parity_publishes_no_bundle(monkeypatch):
     run = tiny_run("mamba")
     monkeypatch.setattr(onnx_export, "export_decoder", tampered)
     before = (run / "export").exists() and json.loads((run / "export" / "manifest.json").read_text())["fingerprint"]
-    with pytest.raises(SokhanError, match="parity failed"):
+    with pytest.raises(CheckFailed, match="parity failed") as failure:
         run_stage("export", config("mamba", "export.parity_steps=8"), run, force=True)
+    assert failure.value.exit_code == 1  # the CLI's status: a failed check, not bad input (2)
     assert not (run / "export.partial").exists()
     after = (run / "export").exists() and json.loads((run / "export" / "manifest.json").read_text())["fingerprint"]
     assert before == after  # the previous bundle (if any) is untouched

@@ -14,3 +14,11 @@ class SokhanError(Exception):
     The CLI prints ``str(error)`` as one line and exits with status 2; it never shows a traceback for these.
     Say what is wrong and where (file and line, config key, flag), and what would be valid.
     """
+
+    exit_code = 2
+
+
+class CheckFailed(SokhanError):
+    """A produced artefact failed its own check (ONNX parity with PyTorch): one line, exit status 1."""
+
+    exit_code = 1

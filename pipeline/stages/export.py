@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sokhan import SokhanError
+from sokhan import CheckFailed, SokhanError
 
 SECTIONS = ("export",)
 UPSTREAM = ("tokenize", "train")
@@ -187,7 +187,7 @@ def run(ctx) -> dict:
         write_json(ctx.run_dir / FAILED_PARITY, report)
         bad = next(lang for lang, r in report["languages"].items() if not r["passed"])
         r = report["languages"][bad]
-        raise SokhanError(
+        raise CheckFailed(
             f"export: float32 parity failed for {bad}: max abs logit diff {r['max_abs_diff']:.3g} (limit {cfg.parity_atol:g}), "
             f"first differing greedy token at step {r['first_mismatch_step']}; bundle not published, details in {ctx.run_dir / FAILED_PARITY}"
         )
