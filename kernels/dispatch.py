@@ -4,12 +4,13 @@ Precedence, most specific first: the per-call ``backend=`` argument, then the in
 then the ``SOKHAN_KERNELS`` environment variable, then ``auto``. ``None`` and ``"auto"`` mean "no preference" at
 every level, so an explicit choice further out still applies.
 
-- ``auto``: Triton on CUDA tensors; on other devices the fast PyTorch path of ops that have one
-  (``selective_scan``'s chunked scan), else the reference.
+- ``auto``: Triton on CUDA tensors; on other devices the fast CPU path of ops that have one
+  (``selective_scan``'s compiled C++ scan, or its chunked PyTorch scan without a compiler), else the reference.
 - ``triton``: the Triton kernels. They need CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before
   Triton is imported (the interpreter CI uses); otherwise one clear :class:`sokhan.SokhanError`, never a silent
   fallback that would hide which numbers were produced.
-- ``cpu``: the fast pure-PyTorch path (any device); the reference for ops without one.
+- ``cpu``: the fast CPU path (``selective_scan``: the compiled scan on CPU tensors, the chunked PyTorch scan on
+  other devices); the reference for ops without one.
 - ``reference``: plain PyTorch written for clarity; the path ONNX export traces.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -66,7 +68,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Whether the triton package is installed; looked up once, as resolve() runs on every kernel call."""
     return importlib.util.find_spec("triton") is not None
 
 

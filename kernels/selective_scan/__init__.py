@@ -1,8 +1,10 @@
 """``selective_scan``: the Mamba recurrence over a whole sequence, with mamba-ssm's ``selective_scan_fn`` signature.
 
-Three implementations behind one entry (see :mod:`sokhan.kernels.dispatch`): ``reference.py`` (sequential, the
-definition), ``chunked.py`` (chunked scan in pure PyTorch, the fast CPU path, differentiable by autograd) and
-``triton.py`` (fused kernels; :class:`SelectiveScanFunction` gives them a backward that recomputes the states).
+Implementations behind one entry (see :mod:`sokhan.kernels.dispatch`): ``reference.py`` (sequential, the
+definition); the ``cpu`` backend, which is ``compiled.py`` (a fused C++ loop, built on first use) on CPU tensors and
+``chunked.py`` (chunked scan in pure PyTorch, differentiable by autograd) where that cannot run (no C++ compiler, or
+tensors on another device); and ``triton.py`` (fused kernels; :class:`SelectiveScanFunction` gives them a backward
+that recomputes the states).
 """
 
 from __future__ import annotations
@@ -11,10 +13,18 @@ import torch
 
 from sokhan import SokhanError
 from sokhan.kernels import dispatch
+from sokhan.kernels.selective_scan import compiled
 from sokhan.kernels.selective_scan.chunked import selective_scan_chunked
+from sokhan.kernels.selective_scan.compiled import selective_scan_compiled
 from sokhan.kernels.selective_scan.reference import selective_scan_ref
 
-__all__ = ["SelectiveScanFunction", "selective_scan", "selective_scan_chunked", "selective_scan_ref"]
+__all__ = [
+    "SelectiveScanFunction",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_compiled",
+    "selective_scan_ref",
+]
 
 
 def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> None:
@@ -102,6 +112,8 @@ def selective_scan(
     if impl == "reference":
         return selective_scan_ref(*args, return_last_state)
     if impl == "cpu":
-        return selective_scan_chunked(*args, return_last_state)
+        on_cpu = all(t.device.type == "cpu" for t in (u, delta, A, B, C, *optional))
+        fast = selective_scan_compiled if on_cpu and compiled.load() is not None else selective_scan_chunked
+        return fast(*args, return_last_state)
     out, last_state = SelectiveScanFunction.apply(*args, None)
     return (out, last_state) if return_last_state else out

@@ -1,28 +1,40 @@
-"""selective_scan: the Triton kernels and the chunked CPU path against the sequential reference run in float64.
+"""selective_scan: the Triton kernels and both CPU paths (compiled C++ and chunked PyTorch) against the sequential
+reference run in float64.
 
 Each case compares the output, the last state and the gradient of every input (u, Δ, A, B, C, D, z, Δ_bias) by
 relative RMS error, on fresh random inputs, with odd lengths (1, 7, 63, 129 against chunks of 32 steps), channel
 counts that are not a multiple of the block, N = 1 and 16, grouped B and C, and each optional input on and off.
 The Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py) or natively
-on CUDA; every buffer they write is allocated NaN-filled, so an element left unwritten fails the comparison.
+on CUDA; every buffer they write is allocated NaN-filled, so an element left unwritten fails the comparison. The
+compiled scan is built on first use (about a second); where no C++ compiler is found its tests skip and say so.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
 
 from sokhan import SokhanError
 from sokhan.kernels import dispatch, selective_scan
-from sokhan.kernels.selective_scan import SelectiveScanFunction, selective_scan_chunked, selective_scan_ref
+from sokhan.kernels.selective_scan import (
+    SelectiveScanFunction,
+    compiled,
+    selective_scan_chunked,
+    selective_scan_compiled,
+    selective_scan_ref,
+)
 from sokhan.kernels.selective_scan.chunked import chunk_bounds
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# float32 against float64, largest over the cases' outputs and gradients: 4.3e-7 for Triton, 3.4e-6 for the chunked
-# path (in dA, a sum over batch and time; the chunked path's exp factors reach e^±60, so their arguments carry up to
-# 60 ulp); float64 chunked against float64: 5e-15.
+# float32 against float64, largest over the cases' outputs and gradients: 4.3e-7 for Triton, 4.2e-7 for the compiled
+# scan, 3.4e-6 for the chunked path (in dA, a sum over batch and time; the chunked path's exp factors reach e^±60, so
+# their arguments carry up to 60 ulp); float64 against float64: 6e-16 compiled, 5e-15 chunked.
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 # id: (batch, dim, N, L, groups, D, z, delta_bias, delta_softplus, return_last_state, Triton (BLOCK_L, BLOCK_D))
@@ -140,14 +152,87 @@ def test_chunked_matches_float64_reference(
     )
 
 
-def test_chunked_stays_exact_under_large_decays():
-    """Steps whose decay |Δ A| passes exp's float32 range alone (≈ 88) must cut chunks, not overflow."""
+def needs_compiler():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if compiled.load() is None:
+            pytest.skip("the compiled CPU scan could not be built here (no C++ compiler, or the build failed)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(PARAMS, CASES)
+def test_compiled_matches_float64_reference(
+    dtype, batch, dim, N, L, groups, has_D, has_z, has_bias, softplus, last, blocks
+):
+    needs_compiler()
+    check_against_reference(
+        selective_scan_compiled, dtype, batch, dim, N, L, groups, has_D, has_z, has_bias, softplus, last
+    )
+
+
+@pytest.mark.parametrize("threads", [3, 8])
+def test_compiled_splits_channels_across_threads(threads):
+    """Several threads per (batch, group): channel partitions write separate dB/dC buffers (uneven: 5 or 6 channels
+    of a group over 3 or 8 threads, more threads than channels included)."""
+    needs_compiler()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fn = selective_scan_compiled
+        check_against_reference(fn, torch.float64, 1, 10, 4, 33, 2, True, True, True, True, True)
+        check_against_reference(fn, torch.float32, 2, 5, 16, 20, None, True, False, True, True, False)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_cpu_backend_runs_the_compiled_scan_and_falls_back_without_a_compiler(monkeypatch):
+    needs_compiler()
+    inputs = {k: v.float() for k, v in make_inputs(5, 2, 6, 4, 19, None, True, True, True).items()}
+    out = selective_scan(**inputs, delta_softplus=True, backend="cpu")
+    assert torch.equal(out, selective_scan_compiled(**inputs, delta_softplus=True))
+    assert torch.equal(selective_scan(**inputs, delta_softplus=True), out)  # auto on CPU tensors
+    monkeypatch.setenv("CXX", "sokhan-no-such-compiler")
+    compiled.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C\\+\\+ compiler 'sokhan-no-such-compiler'.*chunked PyTorch scan"):
+            fallback = selective_scan(**inputs, delta_softplus=True, backend="cpu")
+    finally:
+        compiled.load.cache_clear()
+    assert torch.equal(fallback, selective_scan_chunked(**inputs, delta_softplus=True))
+
+
+def test_concurrent_first_builds_do_not_clash(tmp_path):
+    """Two processes (as pytest-xdist workers would) build into one empty cache at once: both load a working library
+    and exactly one .so is left, with no temporary files."""
+    if compiled.shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on PATH")
+    script = (
+        "import torch; from sokhan.kernels.selective_scan import compiled, selective_scan_ref as ref; "
+        "u = torch.randn(1, 3, 8); A = -torch.rand(3, 2); B = torch.randn(1, 2, 8); "
+        "print(compiled.load() is not None and "
+        "torch.allclose(compiled.selective_scan_compiled(u, u.abs(), A, B, B), ref(u, u.abs(), A, B, B), atol=1e-5))"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    assert [out.strip() for out, _ in results] == ["True", "True"]
+    assert [p.suffix for p in (tmp_path / "sokhan_cpu_scan").iterdir()] == [".so"]
+
+
+@pytest.mark.parametrize("fn", [selective_scan_chunked, selective_scan_compiled], ids=["chunked", "compiled"])
+def test_stays_exact_under_large_decays(fn):
+    """Steps whose decay |Δ A| passes exp's float32 range alone (≈ 88): the chunked path must cut chunks, the
+    compiled one's exp must flush to zero, neither may overflow."""
+    if fn is selective_scan_compiled:
+        needs_compiler()
     inputs = make_inputs(7, 2, 4, 16, 50, None, True, True, False, delta_scale=3.0)
     inputs["delta"][0, 1, 20] = 40.0  # one step with |Δ A| up to 40 · 24: the state is wiped there
     g = torch.Generator().manual_seed(8)
     weights = tuple(torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 4, 50), (2, 4, 16)))
     ref_out, ref_state, ref_grads = run(selective_scan_ref, inputs, torch.float64, True, True, weights)
-    out, state, grads = run(selective_scan_chunked, inputs, torch.float32, True, True, weights)
+    out, state, grads = run(fn, inputs, torch.float32, True, True, weights)
     assert rel_rms(out, ref_out) <= TOL[torch.float32]
     assert rel_rms(state, ref_state) <= TOL[torch.float32]
     for k, ref in ref_grads.items():
