@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 import pytest
@@ -38,10 +39,65 @@ ZWNJ = "\u200c"
         # hazm's token_spacing would glue these: a verb phrase, and the poetic "O" and "if".
         pytest.param("تازه ازدواج کرده است", "تازه ازدواج کرده است", id="verb-phrase-stays"),
         pytest.param("بیا ای دوست که گر تو نباشی", "بیا ای دوست که گر تو نباشی", id="poetry-ai-gar-stay"),
+        pytest.param("می ، گفت", "می ، گفت", id="mi-before-punctuation-stays"),  # hazm's verb list holds the bare prefix
     ],
 )
 def test_persian(raw, expected):
     assert normalize(raw, "fa") == expected
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        # Lines of data/sample/fa.txt: a space beside the ZWNJ (either side) goes, the ZWNJ stays.
+        pytest.param("صدای غرشش از دور شنیده می \u200cشود.", f"صدای غرشش از دور شنیده می{ZWNJ}شود.", id="space-zwnj-mi-shavad"),
+        pytest.param("کم نمک می \u200cخورد.", f"کم نمک می{ZWNJ}خورد.", id="space-zwnj-mi-khorad"),
+        pytest.param("صبر کن، الان می \u200cآیم.", f"صبر کن، الان می{ZWNJ}آیم.", id="space-zwnj-mi-ayam"),
+        pytest.param(
+            "در موزه \u200cی ملی ظرف\u200c های سفالی نگهداری می\u200c شود.",
+            f"در موزه{ZWNJ}ی ملی ظرف{ZWNJ}های سفالی نگهداری می{ZWNJ}شود.",
+            id="zwnj-space-ezafe-plural-mi",
+        ),
+        # Not in hazm's verb list, so only the typed ZWNJ says it is one word: it must survive.
+        pytest.param("باران می \u200cچکد", f"باران می{ZWNJ}چکد", id="space-zwnj-verb-outside-dictionary"),
+        pytest.param("کتاب \u200c \u200cها", f"کتاب{ZWNJ}ها", id="spaces-around-zwnj-run"),
+        pytest.param("سلام \u200c ۱۲", "سلام ۱۲", id="zwnj-beside-digits-dropped"),
+        # A space where the ZWNJ belongs, joined when hazm's conjugation list has the verb.
+        pytest.param("شیراز در بهار بوی بهارنارنج می دهد.", f"شیراز در بهار بوی بهارنارنج می{ZWNJ}دهد.", id="mi-dahad"),
+        pytest.param("از وسط اصفهان می گذرد.", f"از وسط اصفهان می{ZWNJ}گذرد.", id="mi-gozarad"),
+        pytest.param("نزدیک تر به نظر می رسند.", f"نزدیک تر به نظر می{ZWNJ}رسند.", id="mi-resand"),
+        pytest.param("این را نمی دانم", f"این را نمی{ZWNJ}دانم", id="nemi-danam"),
+        # ... and with an object clitic, which the list does not spell out (27 lines of Hafez, 63 of Saadi).
+        pytest.param("ای هدهد صبا به سبا می فرستمت", f"ای هدهد صبا به سبا می{ZWNJ}فرستمت", id="mi-verb-object-clitic"),
+        # hazm's token_spacing glued "تعطیل شده" and, blind to "اند." before the full stop, left the clitic apart.
+        pytest.param("مدرسه ها تعطیل شده اند.", f"مدرسه{ZWNJ}ها تعطیل شده{ZWNJ}اند.", id="taatil-shode-and"),
+        # «می», "wine", in Hafez: before an imperative, a noun or a negated verb it is a word of its own.
+        pytest.param("ساقی می ده", "ساقی می ده", id="wine-before-imperative"),
+        pytest.param("که رفت موسم و حافظ هنوز می نچشید", "که رفت موسم و حافظ هنوز می نچشید", id="wine-before-negated-verb"),
+        pytest.param("چاره آن است که سجاده به می بفروشیم", "چاره آن است که سجاده به می بفروشیم", id="wine-before-b-verb"),
+        pytest.param("می لعل و می ناب", "می لعل و می ناب", id="wine-before-nouns"),
+    ],
+)
+def test_persian_zwnj_repairs(raw, expected):
+    out = normalize(raw, "fa")
+    assert out == expected
+    assert normalize(out, "fa") == out
+
+
+def test_sample_file_zwnj_cases_repaired(sample_dir):
+    """No line of data/sample/fa.txt keeps a space beside a ZWNJ, a spaced می/نمی before a listed verb, or "تعطیل" glued to "شده"."""
+    from sokhan.tokenization.normalize import _hazm
+
+    verbs = _hazm()[0].verbs
+    lines = [normalize(line, "fa") for line in (sample_dir / "fa.txt").read_text(encoding="utf-8").splitlines()]
+    assert not [line for line in lines if re.search(" \u200c|\u200c ", line)]
+    spaced = [m.group() for line in lines for m in re.finditer(r"(?<!\S)(ن?می) ([^\s.،]+)", line)
+              if f"{m.group(1)}{ZWNJ}{m.group(2)}" in verbs]
+    assert spaced == []
+    assert not [line for line in lines if f"تعطیل{ZWNJ}شده" in line]
+    joined = "\n".join(lines)
+    for word in ("می شود", "می خورد", "می آیم", "می دهد", "می گذرد", "می رسند", "شده اند"):
+        assert word.replace(" ", ZWNJ) in joined, word
 
 
 def test_persian_digit_policies():
@@ -97,3 +153,36 @@ def test_output_is_clean_and_idempotent(text, lang):
     assert normalize(out, lang) == out
     # Idempotence on every line of the real corpora is checked with the lossless test in test_tokenizer.py,
     # which normalizes them anyway.
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param("ممـم", id="tatweel-inside-a-repeat"),
+        pytest.param("ممم.مممم", id="hazm-repeat-replaced-everywhere"),
+        pytest.param('""م""', id="hazm-quotes-need-two-passes"),
+        pytest.param(".\u200c..", id="stray-zwnj-inside-an-ellipsis"),
+        pytest.param("..\u0670.", id="diacritic-inside-an-ellipsis"),
+        pytest.param("نمیهها", id="heh-ha-then-mi"),
+        pytest.param("\u0651\u0640\u064e", id="marks-reordered-after-tatweel"),
+    ],
+)
+@pytest.mark.parametrize("remove_diacritics", [True, False])
+def test_persian_idempotent_where_hazm_steps_were_not(raw, remove_diacritics):
+    once = normalize(raw, "fa", remove_diacritics=remove_diacritics)
+    assert normalize(once, "fa", remove_diacritics=remove_diacritics) == once
+
+
+# Persian letters, affixes, ZWNJ, spaces, marks and punctuation: where the ZWNJ rules and hazm's steps meet.
+persian_pieces = st.sampled_from(
+    [*"میندهاشکتبرو .،!؟«\"٫%1۱ـیيكة", "\u200c", "\u200d", "\u064e", "\u0651", "\u0670", "نمی", "می", "ها", "اند", "ﻻ", "ﷲ"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(persian_pieces, max_size=30).map("".join), remove_diacritics=st.booleans())
+def test_persian_idempotent_and_no_space_beside_zwnj(text, remove_diacritics):
+    out = normalize(text, "fa", remove_diacritics=remove_diacritics)
+    assert normalize(out, "fa", remove_diacritics=remove_diacritics) == out
+    assert " \u200c" not in out and "\u200c " not in out
+

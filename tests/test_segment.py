@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sokhan.tokenization import segment
+from sokhan.tokenization import pretokenize, segment
 from sokhan.tokenization.corpus import read_lines, source_files
 from sokhan.tokenization.segment import SegmenterConfig, words
 
@@ -44,6 +44,13 @@ def test_chinese_hmm_option_changes_unknown_words_only():
     assert "杭研" in on and "杭研" not in off
 
 
+def test_chinese_pretokenization_runs_or_jieba():
+    text = "我喜欢自然语言处理，Python 很好。"
+    assert pretokenize(text, "zh", SegmenterConfig(zh_pretokenize="runs")) == ["我喜欢自然语言处理", "，", "Python", " 很好", "。"]
+    assert pretokenize(text, "zh") == segment(text, "zh")
+    assert pretokenize(text, "fa") == segment(text, "fa")
+
+
 def test_english_words_and_punctuation():
     assert segment("Hello,  world's end (x).", "en") == ["Hello", ",", "  world", "'", "s", " end", " (", "x", ")."]
 
@@ -55,11 +62,11 @@ def test_words_counts_alphanumeric_pieces():
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=80), lang=st.sampled_from(["fa", "zh", "en"]))
 def test_span_preserving_on_arbitrary_text(text, lang):
-    pieces = segment(text, lang)
-    assert "".join(pieces) == text
-    assert all(pieces)
-    # Whitespace is a prefix of the next piece, never a piece of its own except at the very end.
-    assert all(not p.isspace() for p in pieces[:-1])
+    for pieces in (segment(text, lang), pretokenize(text, lang)):
+        assert "".join(pieces) == text
+        assert all(pieces)
+        # Whitespace is a prefix of the next piece, never a piece of its own except at the very end.
+        assert all(not p.isspace() for p in pieces[:-1])
 
 
 @pytest.mark.parametrize("lang", ["fa", "zh", "en"])

@@ -12,8 +12,10 @@ from conftest import CORPORA
 
 from sokhan.pipeline.config import load_config
 from sokhan.pipeline.stage import run_stage
-from sokhan.pipeline.stages.tokenize import shard_dtype, split_indices
-from sokhan.tokenization import Tokenizer
+from sokhan import SokhanError
+from sokhan.pipeline.stages.tokenize import TokenizeConfig, shard_dtype, split_indices
+from sokhan.tokenization import Tokenizer, segment
+from sokhan.tokenization.segment import words
 
 SLICE = {"fa": ("perdt.txt", 1200), "zh": ("cmrc2018.txt", 120), "en": ("ewt.txt", 400)}
 VOCAB = 2000
@@ -117,6 +119,16 @@ def test_report_persian_and_chinese_beat_raw_bytes(runs):
     # learned anything is far above that. "Clear margin": at least twice as compact as raw bytes.
     assert report["fa"]["bytes_per_token"] > 2.0
     assert report["zh"]["bytes_per_token"] > 2.0
+    # Chinese tokens per word count jieba's words, not the (clause-long) pieces the model was trained on.
+    val = (runs[1] / "tokenize" / "val" / "zh.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    assert report["zh"]["words"] == sum(words(segment(line, "zh")) for line in val)
+    assert report["zh"]["words"] > 1.5 * len(val)
+
+
+def test_zh_pretokenize_option_checked():
+    assert TokenizeConfig().zh_pretokenize == "jieba"
+    with pytest.raises(SokhanError, match="tokenize.zh_pretokenize"):
+        TokenizeConfig(zh_pretokenize="characters")
 
 
 def test_split_indices_seeded():

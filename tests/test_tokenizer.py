@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sokhan import SokhanError
-from sokhan.tokenization import SPECIAL_TOKENS, Tokenizer, normalize, segment
+from sokhan.tokenization import SPECIAL_TOKENS, SegmenterConfig, Tokenizer, normalize, pretokenize
 from sokhan.tokenization.corpus import read_lines, source_files
 
 TEXT = {
@@ -21,16 +21,22 @@ TEXT = {
 }
 
 
-def _pieces():
+def _pieces(segmenter=SegmenterConfig()):
     for _ in range(20):
         for lang, lines in TEXT.items():
             for line in lines:
-                yield segment(normalize(line, lang), lang)
+                yield pretokenize(normalize(line, lang), lang, segmenter)
 
 
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.train(_pieces(), vocab_size=1000)
+
+
+@pytest.fixture(scope="module")
+def runs_tok():
+    seg = SegmenterConfig(zh_pretokenize="runs")
+    return Tokenizer.train(_pieces(seg), vocab_size=1000, segmenter=seg)
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +54,37 @@ def test_vocab_and_special_tokens(tok):
 
 
 def test_training_learned_words(tok):
-    """Frequent words of the training text are single tokens; merges never cross a segment."""
+    """Frequent words of the training text are single tokens; merges never cross a piece."""
     assert len(tok.encode("کتاب", "fa")) == 1
-    assert len(tok.encode("我们", "zh")) == 1
     assert len(tok.encode("The weather", "en")) == 2  # The | " weather"
-    assert len(tok.encode("我们今天", "zh")) == 2  # jieba: 我们 | 今天
+    assert len(tok.encode("我们今天去公园散步", "zh")) == 5  # jieba's words: a token never spans two
+
+
+def test_chinese_pretokenization_options(tok, runs_tok):
+    """jieba's words (default) bound every token, whatever the training; runs let a frequent phrase be one token."""
+    text = "我们今天去公园散步"
+    assert runs_tok.pretokenize(text, "zh") == [text]
+    assert tok.pretokenize(text, "zh") == tok.segment(text, "zh") == ["我们", "今天", "去", "公园", "散步"]
+    assert tok.segment(text, "zh") == runs_tok.segment(text, "zh")  # words do not depend on the option
+    assert len(runs_tok.encode(text, "zh")) < len(tok.encode(text, "zh")) == 5
+    assert runs_tok.decode(runs_tok.encode(text, "zh")) == tok.decode(tok.encode(text, "zh")) == text
+    with pytest.raises(SokhanError, match="zh_pretokenize"):
+        SegmenterConfig(zh_pretokenize="words")
+
+
+def test_every_single_id_decodes(tok):
+    """Labels decode one id at a time: never an error; a piece of a UTF-8 character comes out as U+FFFD."""
+    partial = 0
+    for i in range(tok.vocab_size):
+        text = tok.decode([i])
+        try:
+            whole = tok.id_to_bytes(i).decode("utf-8")
+        except UnicodeDecodeError:
+            partial += 1
+            assert "\ufffd" in text, i
+        else:
+            assert text == ("" if i in tok.special_tokens.values() else whole), i
+    assert partial > 0  # the byte alphabet alone holds 128 bytes that are no character on their own
 
 
 def test_special_token_strings_in_text_are_text(tok):
@@ -80,7 +112,7 @@ def test_id_to_bytes_concatenates_to_the_text(tok):
 def test_piece_cache_matches_the_model_when_full(tok, monkeypatch):
     import sokhan.tokenization.tokenizer as tokenizer_module
 
-    texts = [segment(normalize(t, lang), lang) for lang, lines in TEXT.items() for t in lines]
+    texts = [pretokenize(normalize(t, lang), lang) for lang, lines in TEXT.items() for t in lines]
     plain = [e.ids for e in tok.hf.encode_batch(texts, is_pretokenized=True, add_special_tokens=False)]
     monkeypatch.setattr(tokenizer_module, "_CACHE_SIZE", 8)  # smaller than one line's pieces: cleared every call
     monkeypatch.setattr(tokenizer_module, "_CHUNK", 3)  # several model calls per batch
@@ -100,12 +132,23 @@ def test_save_load_and_plain_hf_file(tok, tmp_path):
     assert loaded.special_tokens == tok.special_tokens
     side = json.loads((tmp_path / "segmenter.json").read_text())
     assert side["normalize"] == {"digits": "persian", "remove_diacritics": True}
-    assert side["segment"] == {"zh_hmm": False}
-    # The HF file alone, on our segmentation, gives the same ids and decodes back.
+    assert side["segment"] == {"zh_hmm": False, "zh_pretokenize": "jieba"}
+    # The HF file alone, on our pre-tokenization, gives the same ids and decodes back.
     hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    pieces = segment("我们今天去公园", "zh")
+    pieces = pretokenize("我们今天去公园", "zh")
     assert hf.encode(pieces, is_pretokenized=True).ids == tok.encode("我们今天去公园", "zh")
     assert hf.decode(hf.encode(pieces, is_pretokenized=True).ids) == "我们今天去公园"
+
+
+def test_segmenter_file_without_zh_pretokenize_means_jieba(tok, tmp_path):
+    """Tokenizers saved before the option existed were trained on jieba's words and must keep encoding so."""
+    tok.save(tmp_path)
+    side = json.loads((tmp_path / "segmenter.json").read_text())
+    del side["segment"]["zh_pretokenize"]
+    (tmp_path / "segmenter.json").write_text(json.dumps(side))
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.segmenter.zh_pretokenize == "jieba"
+    assert loaded.encode("我们今天去公园", "zh") == tok.encode("我们今天去公园", "zh")
 
 
 def test_load_errors(tok, tmp_path):
@@ -114,6 +157,12 @@ def test_load_errors(tok, tmp_path):
     tok.save(tmp_path)
     (tmp_path / "segmenter.json").write_text('{"format": "other"}')
     with pytest.raises(SokhanError, match="not a sokhan segmenter file"):
+        Tokenizer.load(tmp_path)
+    tok.save(tmp_path)
+    side = json.loads((tmp_path / "segmenter.json").read_text())
+    side["segment"]["zh_pretokenize"] = "words"
+    (tmp_path / "segmenter.json").write_text(json.dumps(side))
+    with pytest.raises(SokhanError, match="zh_pretokenize"):
         Tokenizer.load(tmp_path)
 
 
@@ -135,7 +184,7 @@ def test_lossless_unigram(unigram, text, lang):
 def test_lossless_and_idempotent_on_every_real_line(tok, corpora_dir):
     """Every line of ../shared/corpora: decode(encode(t)) == normalize(t), and normalize is idempotent.
 
-    Batched: normalize and segment in Python, the model over all lines at once; every 97th line also goes
+    Batched: normalize and pre-tokenize in Python, the model over all lines at once; every 97th line also goes
     through ``encode`` itself to check that it is this composition, and every 10th through the plain HF
     encoder to check the piece cache.
     """
@@ -147,7 +196,7 @@ def test_lossless_and_idempotent_on_every_real_line(tok, corpora_dir):
                 assert tok.normalize(once, lang) == once, f"not idempotent: {path}:{lineno}"
                 raws.append(raw)
                 norms.append(once)
-        pieces = [tok.segment(t, lang) for t in norms]
+        pieces = [tok.pretokenize(t, lang) for t in norms]
         ids = tok.encode_pieces(pieces)
         # The piece cache gives what the HF model gives on the whole pre-tokenized line.
         hf_ids = [e.ids for e in tok.hf.encode_batch(pieces[::10], is_pretokenized=True, add_special_tokens=False)]

@@ -10,9 +10,10 @@ Torch-free and cheap to import: hazm, jieba and ``tokenizers`` are loaded on fir
 
 from sokhan.tokenization.langid import LANGUAGES, detect_language
 from sokhan.tokenization.normalize import normalize
-from sokhan.tokenization.segment import SegmenterConfig, segment
+from sokhan.tokenization.segment import SegmenterConfig, pretokenize, segment
 from sokhan.tokenization.tokenizer import SPECIAL_TOKENS, Tokenizer, lang_token
 
 __all__ = [
-    "LANGUAGES", "SPECIAL_TOKENS", "SegmenterConfig", "Tokenizer", "detect_language", "lang_token", "normalize", "segment",
+    "LANGUAGES", "SPECIAL_TOKENS", "SegmenterConfig", "Tokenizer", "detect_language", "lang_token", "normalize",
+    "pretokenize", "segment",
 ]

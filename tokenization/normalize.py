@@ -9,8 +9,9 @@ Persian (``fa``): NFKC, then hazm 0.10's ``Normalizer`` steps, except two that m
 
 - ``correct_spacing`` re-tokenizes the line and rewrites punctuation spacing: decimals (``3.14`` -> ``۳ ٫ ۱۴``),
   dates (``۱۳۹۹/۰۱/۰۱`` -> ``۱۳۹۹ / ۰۱ / ۰۱``), URLs and e-mail addresses come out broken. Its dictionary-driven
-  ``token_spacing`` also glues whole phrases (``ازدواج کرده`` -> ``ازدواج‌کرده``) and, in poetry, the standalone
-  words ``ای`` ("O") and ``گر`` ("if") onto the word before them (``است ای`` -> ``است‌ای``; 765 suffix joins in
+  ``token_spacing`` also glues whole phrases (``ازدواج کرده`` -> ``ازدواج‌کرده``; run on space-separated words it
+  gives ``تعطیل شده اند.`` -> ``تعطیل‌شده اند.``, blind to the clitic before the full stop) and, in poetry, the
+  standalone words ``ای`` ("O") and ``گر`` ("if") onto the word before them (``است ای`` -> ``است‌ای``; 765 suffix joins in
   Hafez, many of them wrong).
 - ``persian_numbers`` also rewrites digits inside Latin words (``B2`` -> ``B۲``).
 
@@ -18,8 +19,13 @@ Kept from hazm: Arabic -> Persian letters (ي -> ی, ك -> ک, presentation form
 separator (``persian_style``), diacritics removal (configurable), removal of Quranic marks, ligature expansion
 (﷽, ﷲ), squeezing of letters repeated three or more times, and the dictionary-checked ``می``/``نمی`` prefix join
 (``میخواهم`` -> ``می‌خواهم``, ``میز`` stays). ZWNJ fixes (ours, conservative): tatweel (ـ) removed; ZWNJ runs
-squeezed to one and a ZWNJ kept only between two Arabic-script characters; a detached ``می``/``نمی`` joined to the
-next word when hazm's verb list knows the result (``می روم`` -> ``می‌روم``; ``ساقی بیار می``, "wine", stays); the
+squeezed to one; a ZWNJ typed with a space beside it between two Arabic-script words kept and the space dropped
+(``می ‌شود``, ``ظرف‌ های`` -> ``می‌شود``, ``ظرف‌های``: the writer meant one word, whether or not hazm knows it);
+any other ZWNJ kept only between two Arabic-script characters; a detached ``می``/``نمی`` joined to the next word when hazm's
+conjugation list knows the result, alone or with an object clitic ``م ت ش مان تان شان`` (``می روم`` -> ``می‌روم``,
+``می فرستمت`` -> ``می‌فرستمت``). Not joined: ``می`` before anything else, since in poetry it is often "wine"
+(``ساقی بیار می``, ``می ده``, ``می ناب``), nor before an archaic negated or ``ب``- verb (``می نرود`` in Saadi, but
+``هنوز می نچشید``, ``به می بفروشیم`` in Hafez are "wine": 3 of the 5 such cases in Hafez). The
 plural suffix ``ها``/``های``/``هایی`` joined to the word before it (``کتاب ها`` -> ``کتاب‌ها``, ``شاخههای`` ->
 ``شاخه‌های``); the clitics ``ام ات اش ایم اید اند`` joined after a word ending in ``ه`` (``شده اند`` -> ``شده‌اند``).
 Digits (``digits``): ``persian`` turns Arabic-Indic ٠-٩ into ۰-۹ and Latin 0-9 into ۰-۹ except inside Latin words
@@ -58,6 +64,9 @@ _CJK_KEEP = re.compile("([\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff60\u
 
 _ARABIC = "\u0600-\u06ff\u0750-\u077f\u08a0-\u08ff\ufb50-\ufdff\ufe70-\ufefe"
 _ZWNJ_RUN = re.compile("\u200c{2,}")
+# Arabic-script letters and harakat: not its punctuation or digits, which a ZWNJ never joins.
+_ARABIC_LETTER = "\u0620-\u065f\u066e-\u06d3\u06d5\u06fa-\u06ff\u0750-\u077f\u08a0-\u08ff"
+_ZWNJ_SPACED = re.compile(f"(?<=[{_ARABIC_LETTER}]) *\u200c *(?=[{_ARABIC_LETTER}])")
 _ZWNJ_STRAY = re.compile(f"(?<![{_ARABIC}])\u200c|\u200c(?![{_ARABIC}])")
 _TATWEEL = "\u0640"
 _LIGATURES = re.compile("[\ufdf0-\ufdfd\ufef5-\ufefc]")
@@ -68,6 +77,7 @@ _LATIN_DIGIT_RUN = re.compile("(?<![A-Za-z0-9])[0-9]+(?![A-Za-z0-9])")  # not pa
 _ARABIC_LETTERS = frozenset("آابپتثجچحخدذرزژسشصضطظعغفقکگلمنوهیئءؤأإة")
 _PLURAL = frozenset(("ها", "های", "هایی"))
 _CLITICS = frozenset(("ام", "ات", "اش", "ایم", "اید", "اند"))
+_OBJECT_CLITICS = ("مان", "تان", "شان", "م", "ت", "ش")  # می فرستمت "I send you": hazm lists the verb without them
 _TRAILING_PUNCT = re.compile(r"[^\w\u200c]+$")
 _HEH_HA = re.compile("(?<=ه)(?=ها)")  # شاخههای -> شاخه‌های (hazm's own affix rule)
 
@@ -106,6 +116,16 @@ def _persian_digits(text: str) -> str:
     return _LATIN_DIGIT_RUN.sub(lambda m: m.group().translate(_LATIN_TO_PERSIAN), text)
 
 
+def _is_verb(word: str, verbs) -> bool:
+    """``word`` (``می‌…``) is in hazm's conjugation list, alone or with an object clitic (``می‌فرستمت``).
+
+    hazm's list also holds the bare prefix ``می‌``, so the caller checks that a verb follows (``می ،`` stays).
+    """
+    return word in verbs or any(
+        word.endswith(c) and len(word) - len(c) > 4 and word[: -len(c)] in verbs for c in _OBJECT_CLITICS
+    )
+
+
 def _join_affixes(words: list[str], verbs) -> list[str]:
     """Space-separated words with detached prefixes and suffixes joined by ZWNJ (see the module docstring)."""
     out: list[str] = []
@@ -115,7 +135,7 @@ def _join_affixes(words: list[str], verbs) -> list[str]:
         if prev and (
             (core in _PLURAL and prev[-1] in _ARABIC_LETTERS)
             or (core in _CLITICS and len(prev) > 1 and prev[-1] == "ه")
-            or (prev in ("می", "نمی") and f"{prev}\u200c{core}" in verbs)
+            or (prev in ("می", "نمی") and core and _is_verb(f"{prev}\u200c{core}", verbs))
         ):
             out[-1] = f"{prev}\u200c{w}"
         else:
@@ -123,26 +143,51 @@ def _join_affixes(words: list[str], verbs) -> list[str]:
     return out
 
 
+def _zwnj(text: str) -> str:
+    """ZWNJ runs squeezed, a ZWNJ beside a space repaired, any other ZWNJ kept only between Arabic-script characters."""
+    if "\u200c" not in text:
+        return text
+    text = _ZWNJ_RUN.sub("\u200c", text)
+    # A ZWNJ typed beside a space (می ‌شود, ظرف‌ های) says the two words are one: the space goes, not the ZWNJ.
+    return _ZWNJ_STRAY.sub("", _ZWNJ_SPACED.sub("\u200c", text))
+
+
+def _fixpoint(step, text: str) -> str:
+    """``step`` applied until it changes nothing (once when it changes nothing at first, the usual case).
+
+    For hazm steps that a second run changes again: persian_style turns ``""م""`` into ``"«م»"``, and
+    decrease_repeated_chars replaces a repeat's text everywhere, leaving ``مممم`` as ``ممم`` when ``ممم`` comes first.
+    """
+    while (again := step(text)) != text:
+        text = again
+    return text
+
+
 def _persian(text: str, digits: Digits, remove_diacritics: bool) -> str:
     # hazm 0.10's Normalizer.normalize step by step, without correct_spacing and persian_numbers (see the module
     # docstring), with its letter table built once: normalize() rebuilds it on every call, half its time.
     # Its unicodes_replacement step (11 regexes) runs only when one of its ligatures is there.
     hz, letters = _hazm()
-    text = unicodedata.normalize("NFKC", text).translate(letters)
-    text = hz.persian_style(text)
-    if digits == "persian":
-        text = _persian_digits(text)
-    elif digits == "latin":
-        text = text.translate(_TO_LATIN)
+    # hazm's removals (tatweel, diacritics, specials) and our ZWNJ cleanup come before its rewrites, so that a second
+    # pass finds nothing new: "ممـم" must reach the repeated-letter squeeze as "ممم" does, and ".‌.." or ".َ.."
+    # reach persian_style's ellipsis rule as "..." does. The ZWNJ cleanup runs again at the end for seperate_mi.
+    folded = unicodedata.normalize("NFKC", text).translate(letters)
+    text = folded.replace(_TATWEEL, "")
     if remove_diacritics:
         text = hz.remove_diacritics(text)
     if _LIGATURES.search(text):
         text = hz.unicodes_replacement(text)
     text = hz.remove_specials_chars(text)
-    text = hz.decrease_repeated_chars(text)
-    text = hz.seperate_mi(text)
-    text = text.replace(_TATWEEL, "")
-    text = _ZWNJ_STRAY.sub("", _ZWNJ_RUN.sub("\u200c", _HEH_HA.sub("\u200c", text)))
+    if text != folded:  # NFKC again: a removal can leave marks out of canonical order or composable (ا + ٓ -> آ)
+        text = unicodedata.normalize("NFKC", text).translate(letters)
+    text = _zwnj(text)
+    text = _fixpoint(hz.persian_style, text)
+    if digits == "persian":
+        text = _persian_digits(text)
+    elif digits == "latin":
+        text = text.translate(_TO_LATIN)
+    text = _fixpoint(hz.decrease_repeated_chars, text)
+    text = _zwnj(hz.seperate_mi(_HEH_HA.sub("\u200c", text)))  # after _HEH_HA: seperate_mi reads its ZWNJ
     return " ".join(_join_affixes(_collapse(text).split(" "), hz.verbs))
 
 

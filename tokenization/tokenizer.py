@@ -2,9 +2,11 @@
 
 Files: ``tokenizer.json`` is a plain HF tokenizers file (``tokenizers.Tokenizer.from_file`` loads it unchanged):
 a BPE or Unigram model over GPT-2's byte alphabet, a ``ByteLevel`` pre-tokenizer without regex splitting and a
-``ByteLevel`` decoder. The language-aware segmentation (jieba, hazm) cannot live in that file, so it runs in
-Python before the model sees the text, and its settings, with the normalization options, are in ``segmenter.json``
-beside it. A plain HF ``encode(pieces, is_pretokenized=True)`` of our segmentation gives our ids.
+``ByteLevel`` decoder. The language-aware pre-tokenization (hazm words for Persian, word-character runs or jieba
+words for Chinese: ``sokhan.tokenization.segment``) cannot live in that file, so it runs in Python before the model
+sees the text, and its settings, with the normalization options, are in ``segmenter.json`` beside it. A plain HF
+``encode(pieces, is_pretokenized=True)`` of our ``pretokenize`` pieces gives our ids. Decoding any ids, one alone
+included, never fails: bytes that are not (yet) whole UTF-8 characters come out as U+FFFD.
 
 Lossless by construction: the segmentation keeps every character, every byte is in the vocabulary (no unknown
 token), and special-token strings in user text are encoded as ordinary text (``encode_special_tokens``, set on
@@ -22,7 +24,7 @@ from typing import Iterable, Iterator, Literal
 from sokhan import SokhanError
 from sokhan.tokenization.langid import LANGUAGES, detect_language
 from sokhan.tokenization.normalize import normalize
-from sokhan.tokenization.segment import SegmenterConfig, segment
+from sokhan.tokenization.segment import SegmenterConfig, pretokenize, segment
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD) + tuple(f"<|lang:{lang}|>" for lang in LANGUAGES)
@@ -85,8 +87,16 @@ class Tokenizer:
         return normalize(text, lang, **self.normalization)
 
     def segment(self, text: str, lang: str) -> list[str]:
-        """Pieces of already-normalized ``text``; the model never merges across them."""
+        """Words of already-normalized ``text`` (jieba for zh, hazm for fa, word/punctuation runs otherwise)."""
         return segment(text, lang, self.segmenter)
+
+    def pretokenize(self, text: str, lang: str) -> list[str]:
+        """Pieces of already-normalized ``text`` for the model, which never merges across them.
+
+        The words of ``segment``, except Chinese with ``zh_pretokenize = "runs"``, where a piece is a run of word
+        characters and tokens may span words (see ``sokhan.tokenization.segment``).
+        """
+        return pretokenize(text, lang, self.segmenter)
 
     def encode(self, text: str, lang: str | None = None, add_special_tokens: bool = False) -> list[int]:
         """Ids of ``text``: normalized and segmented as language ``lang`` (None: detected by script, else ``en``).
@@ -97,12 +107,12 @@ class Tokenizer:
         return self.encode_normalized(normalize(text, lang, **self.normalization), lang, add_special_tokens)
 
     def encode_normalized(self, text: str, lang: str, add_special_tokens: bool = False) -> list[int]:
-        """Ids of text that is already normalized (``RUN/normalize`` lines): segmentation and the model only."""
-        ids = self.encode_pieces([self.segment(text, lang)])[0]
+        """Ids of text that is already normalized (``RUN/normalize`` lines): pre-tokenization and the model only."""
+        ids = self.encode_pieces([self.pretokenize(text, lang)])[0]
         return [self.lang_id(lang), *ids, self.eos_id] if add_special_tokens else ids
 
     def encode_pieces(self, batch: list[list[str]]) -> list[list[int]]:
-        """Ids of segmented texts: the same as HF ``encode(pieces, is_pretokenized=True)``, piece by piece.
+        """Ids of pre-tokenized texts (``pretokenize``): the same as HF ``encode(pieces, is_pretokenized=True)``, piece by piece.
 
         Pieces are pre-tokens the model never merges across, so a piece always has the same ids: they are
         cached, and only pieces not seen before go to the model (in one batch, on Rust threads). Real text is
@@ -129,7 +139,11 @@ class Tokenizer:
         return [[i for p in pieces for i in cache[p]] for pieces in batch]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """The text of ``ids``; special tokens are left out unless ``skip_special_tokens`` is False."""
+        """The text of ``ids``; special tokens are left out unless ``skip_special_tokens`` is False.
+
+        Never fails: bytes that are not whole UTF-8 characters (a single byte-level token often is one) decode to
+        U+FFFD, ids outside the vocabulary to nothing.
+        """
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_bytes(self, token_id: int) -> bytes:
@@ -176,9 +190,10 @@ class Tokenizer:
             meta = json.loads(side.read_text(encoding="utf-8"))
             if meta.get("format") != SEGMENTER_FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {SEGMENTER_FORMAT!r}")
-            seg = SegmenterConfig(**meta["segment"])
+            # Files written before zh_pretokenize existed were trained on jieba's words.
+            seg = SegmenterConfig(**{"zh_pretokenize": "jieba", **meta["segment"]})
             normalization = {"digits": meta["normalize"]["digits"], "remove_diacritics": meta["normalize"]["remove_diacritics"]}
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, SokhanError) as e:
             raise SokhanError(f"{side}: not a sokhan segmenter file ({e})") from None
         return cls(hf, normalization, seg)
 
@@ -193,7 +208,8 @@ class Tokenizer:
         segmenter: SegmenterConfig = SegmenterConfig(),
         length: int | None = None,
     ) -> "Tokenizer":
-        """Train on ``pieces``: batches of segmented text (each piece one pre-token; merges stay inside it).
+        """Train on ``pieces``: batches of pre-tokenized text (``pretokenize``; each piece one pre-token, merges stay
+        inside it).
 
         ``normalization``: the options of ``normalize`` the text was cleaned with (stored for ``encode``).
         """

@@ -2,15 +2,17 @@
 
 1. Split: per language, a seeded random ``val_fraction`` of the normalized lines is held out (``val/<lang>.txt``,
    in corpus order); the rest is the training split.
-2. Segment every line (jieba / hazm / Latin rules, ``sokhan.tokenization.segment``) in ``workers`` processes: the
-   slow, pure-Python part. Results come back in input order, so the output does not depend on ``workers``.
-3. Train the subword model on the training split's segmentation only (the report measures unseen text).
+2. Pre-tokenize every line (hazm words for Persian, word-character runs or jieba words for Chinese, Latin rules:
+   ``sokhan.tokenization.segment.pretokenize``) in ``workers`` processes: the slow, pure-Python part. Results come
+   back in input order, so the output does not depend on ``workers``.
+3. Train the subword model on the training split's pieces only (the report measures unseen text).
 4. Encode with the trained model (``Tokenizer.encode_pieces``: each distinct piece once through HF's Rust encoder,
    then a lookup per piece) and write the shards: every line becomes ``<|lang:xx|>`` + ids + ``<|eos|>``; lines
    are concatenated per split, languages in the order fa, zh, en. Same bytes for any ``workers`` (a test checks).
-5. ``report.json``: on the validation split, per language, characters per token, tokens per word, UTF-8 bytes per
-   token (> 1 means better than raw bytes) and the share of byte-fallback tokens (tokens that are not whole
-   characters: a piece of a UTF-8 sequence).
+5. ``report.json``: on the validation split, per language, characters per token, tokens per word (words of
+   ``segment``: jieba's for Chinese whatever the pre-tokenization), UTF-8 bytes per token (> 1 means better than
+   raw bytes) and the share of byte-fallback tokens (tokens that are not whole characters: a piece of a UTF-8
+   sequence).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class TokenizeConfig:
     """Segmentation processes; 0 = one per CPU core. The output is the same for any number."""
     zh_hmm: bool = False
     """jieba's HMM for Chinese words missing from its dictionary (slower; see sokhan.tokenization.segment)."""
+    zh_pretokenize: Literal["runs", "jieba"] = "jieba"
+    """Chinese pieces the subword model merges within: jieba's words (tokens never span a word, so next-word
+    prediction stays word-aligned) or word-character runs (tokens may span words; 3 % fewer tokens).
+    See sokhan.tokenization.segment."""
 
     def __post_init__(self) -> None:
         if self.vocab_size < 300:
@@ -50,6 +56,8 @@ class TokenizeConfig:
             raise SokhanError(f"config: tokenize.val_fraction = {self.val_fraction} must be in (0, 0.5)")
         if self.min_frequency < 1:
             raise SokhanError(f"config: tokenize.min_frequency = {self.min_frequency} must be ≥ 1")
+        if self.zh_pretokenize not in ("runs", "jieba"):
+            raise SokhanError(f"config: tokenize.zh_pretokenize = {self.zh_pretokenize!r} must be 'runs' or 'jieba'")
         if self.workers < 0:
             raise SokhanError(f"config: tokenize.workers = {self.workers} must be ≥ 0 (0 = one per CPU core)")
 
@@ -75,15 +83,15 @@ def shard_dtype(vocab_size: int):
 
 
 def _segment_chunk(job: tuple[str, list[str], dict]) -> list[str]:
-    from sokhan.tokenization.segment import SegmenterConfig, segment
+    from sokhan.tokenization.segment import SegmenterConfig, pretokenize
 
     lang, lines, seg = job
     cfg = SegmenterConfig(**seg)
-    return [_SEP.join(segment(line, lang, cfg)) for line in lines]
+    return [_SEP.join(pretokenize(line, lang, cfg)) for line in lines]
 
 
 def segment_lines(lines: list[str], lang: str, seg, workers: int, chunk: int = 256) -> list[list[str]]:
-    """Pieces of every line, segmented in ``workers`` processes (in order; the same for any ``workers``)."""
+    """``pretokenize`` pieces of every line, in ``workers`` processes (in order; the same for any ``workers``)."""
     from sokhan.pipeline.stage import progress
     from sokhan.tokenization.segment import preload
 
@@ -126,15 +134,18 @@ def _fallback_table(tok) -> "np.ndarray":
     return table
 
 
-def language_report(lines: list[str], pieces: list[list[str]], ids: list[list[int]], fallback) -> dict:
-    """Compression figures of one language's validation split (specials not counted as tokens)."""
+def language_report(lines: list[str], words_per_line: list[list[str]], ids: list[list[int]], fallback) -> dict:
+    """Compression figures of one language's validation split (specials not counted as tokens).
+
+    ``words_per_line``: each line's ``segment`` words (the unit of tokens per word).
+    """
     import numpy as np
 
     from sokhan.tokenization.segment import words
 
     chars = sum(len(line) for line in lines)
     nbytes = sum(len(line.encode("utf-8")) for line in lines)
-    n_words = sum(words(p) for p in pieces)
+    n_words = sum(words(p) for p in words_per_line)
     flat = np.fromiter((t for line in ids for t in line), dtype=np.int64)
     tokens = int(flat.size)
     return {
@@ -157,13 +168,13 @@ def run(ctx) -> dict:
 
     from sokhan.pipeline.stage import atomic_write, log, write_json
     from sokhan.tokenization.langid import LANGUAGES
-    from sokhan.tokenization.segment import SegmenterConfig
+    from sokhan.tokenization.segment import SegmenterConfig, segment
     from sokhan.tokenization.tokenizer import Tokenizer
 
     cfg, norm = ctx.config.tokenize, ctx.config.normalize
     src = ctx.upstream("normalize")
     workers = cfg.workers or os.cpu_count() or 1
-    seg = SegmenterConfig(zh_hmm=cfg.zh_hmm)
+    seg = SegmenterConfig(zh_hmm=cfg.zh_hmm, zh_pretokenize=cfg.zh_pretokenize)
 
     data: dict[str, dict] = {}
     for lang in LANGUAGES:
@@ -211,7 +222,10 @@ def run(ctx) -> dict:
             if split == "val":
                 val_lines = [d["lines"][i] for i in idx]
                 atomic_write(ctx.out / "val" / f"{lang}.txt", "".join(line + "\n" for line in val_lines))
-                report[lang] = language_report(val_lines, [d["pieces"][i] for i in idx], ids, fallback)
+                val_pieces = [d["pieces"][i] for i in idx]
+                same = lang != "zh" or seg.zh_pretokenize == "jieba"  # the pieces are the words already
+                words = val_pieces if same else [segment(line, lang, seg) for line in val_lines]
+                report[lang] = language_report(val_lines, words, ids, fallback)
     for split, parts in shards.items():
         atomic_write(ctx.out / f"{split}.bin", np.concatenate(parts).astype(dtype, copy=False).tobytes())
 
