@@ -1,11 +1,35 @@
-"""evaluate stage: next-word prediction on held-out text beside an n-gram baseline."""
+"""evaluate stage: next-word prediction on held-out text beside a Kneser-Ney n-gram baseline.
+
+``sokhan evaluate --run-dir RUN`` scores the held-out lines (``RUN/tokenize/val/<lang>.txt``) with the trained
+model and with an interpolated modified Kneser-Ney n-gram model counted on ``RUN/tokenize/train.bin``, prints a
+table and writes ``RUN/evaluate/report.json`` and ``report.md``.
+
+``--text FILE [--lang fa|zh|en]`` (repeatable) or ``--bundle DIR`` evaluate outside the stage runner: the run
+directory is only read, the table (or with ``--json`` the report) goes to stdout, nothing is written. Texts are
+normalized and tokenized with the run's tokenizer; without ``--lang`` each line's language is detected.
+``--bundle`` adds the agreement of the exported ONNX decoder with PyTorch on the same tokens.
+
+What the figures mean (also written into the report): see ``sokhan.pipeline.scoring``. In short, every token
+but the ``<|lang:xx|>`` tags is predicted, ``<|eos|>`` included, and a line's end counts as one character.
+Next-word accuracy: at the first ``nextword_words`` word starts of each language, the gold word (the segmenter's
+next word) is compared with the model's 5 most likely next words from ``sokhan.export.nextword.next_words``
+(a beam search over subword continuations, the search the runtime uses).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sokhan import SokhanError
 
 SECTIONS = ("evaluate",)
 UPSTREAM = ("tokenize", "train")
+LANGS = ("fa", "zh", "en")
 
 
 @dataclass
@@ -13,9 +37,293 @@ class EvaluateConfig:
     """What is measured."""
 
     ngram_order: int = 5
+    """Order of the Kneser-Ney baseline (1 = discounted unigram)."""
+    window: int | None = None
+    """Tokens the model sees per scoring window; None = the training sequence length."""
     stride: int = 128
+    """Window step: after the first window each scored token has ≥ window - stride tokens of context."""
     max_tokens: int = 20000
+    """Predicted tokens per language at most (whole lines, from the start of the held-out text)."""
+    batch_size: int = 8
+    nextword_words: int = 100
+    """Word starts per language for next-word accuracy (0 = skip it; each costs a small beam search)."""
+    nextword_beam: int = 8
+    onnx_tokens: int = 256
+    """With --bundle: tokens per language stepped through ONNX Runtime and compared with PyTorch."""
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+
+    def __post_init__(self) -> None:
+        for key in ("ngram_order", "stride", "max_tokens", "batch_size", "nextword_beam", "onnx_tokens"):
+            if getattr(self, key) < 1:
+                raise SokhanError(f"config: evaluate.{key} = {getattr(self, key)} must be ≥ 1")
+        if self.nextword_words < 0:
+            raise SokhanError(f"config: evaluate.nextword_words = {self.nextword_words} must be ≥ 0")
+        if self.window is not None and not 0 < self.stride <= self.window:
+            raise SokhanError(f"config: evaluate.stride = {self.stride} must be in [1, evaluate.window = {self.window}]")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text", action="append", type=Path, default=[], metavar="FILE",
+                        help="evaluate on this UTF-8 file instead of the held-out split (repeatable); prints, writes nothing")
+    parser.add_argument("--lang", action="append", choices=LANGS, default=[],
+                        help="language of the matching --text (default: detected per line)")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="also run this exported bundle through ONNX Runtime and report its agreement with PyTorch")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
+def direct(args: argparse.Namespace, config) -> bool:
+    """Ad-hoc evaluation (--text or --bundle): read the run directory, print, write nothing. False: run the stage."""
+    texts, langs = getattr(args, "text", []), getattr(args, "lang", [])
+    bundle = getattr(args, "bundle", None)
+    if not texts and bundle is None:
+        if langs:
+            raise SokhanError("--lang needs --text FILE (it names the language of that file)")
+        return False
+    if langs and len(langs) != len(texts):
+        raise SokhanError(f"--lang given {len(langs)} times for {len(texts)} --text files; give one per file or none")
+    run_dir = Path(args.run_dir)
+    for stage in UPSTREAM:
+        if not (run_dir / stage / "manifest.json").exists():
+            raise SokhanError(f"{run_dir / stage}: stage {stage!r} has not finished; run `sokhan {stage} --run-dir {run_dir}` first")
+    report = evaluate(config.evaluate, run_dir / "tokenize", run_dir / "train",
+                      texts=_read_texts(texts, langs) if texts else None, bundle=bundle)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if getattr(args, "json", False) else table(report, "text"))
+    return True
 
 
 def run(ctx) -> dict:
-    raise NotImplementedError("evaluate stage: being written this session")
+    from sokhan.pipeline.stage import atomic_write, write_json
+
+    report = evaluate(ctx.config.evaluate, ctx.upstream("tokenize"), ctx.upstream("train"))
+    write_json(ctx.out / "report.json", report)
+    atomic_write(ctx.out / "report.md", markdown(report))
+    print(json.dumps(report, indent=2, ensure_ascii=False) if getattr(ctx.args, "json", False) else table(report, "text"))
+    return {
+        lang: {
+            "bits_per_character": r["model"]["bits_per_character"],
+            "ngram_bits_per_character": r["ngram"]["bits_per_character"],
+            "top1": r["model"]["top1"],
+            "nextword_top1": r["model"]["nextword_top1"],
+        }
+        for lang, r in report["languages"].items()
+    }
+
+
+def _read_texts(files: list[Path], langs: list[str]) -> dict[str, list[str]]:
+    """Lines per language from ``files`` (``langs`` parallel to them, or empty: detect per line); not normalized."""
+    from sokhan.tokenization import detect_language
+
+    out: dict[str, list[str]] = {}
+    for i, path in enumerate(files):
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SokhanError(f"--text {path}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise SokhanError(f"--text {path}: not UTF-8 ({e})") from None
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            lang = langs[i] if langs else detect_language(line)
+            if lang in LANGS:  # a line without letters of any script has no language to score it as
+                out.setdefault(lang, []).append(line)
+    if not out:
+        raise SokhanError(f"--text {', '.join(map(str, files))}: no non-empty lines to evaluate")
+    return out
+
+
+def _held_out(tok_dir: Path) -> dict[str, list[str]]:
+    out = {}
+    for lang in LANGS:
+        p = tok_dir / "val" / f"{lang}.txt"
+        if p.exists():
+            lines = [s for s in p.read_text(encoding="utf-8").splitlines() if s.strip()]
+            if lines:
+                out[lang] = lines
+    if not out:
+        raise SokhanError(f"{tok_dir / 'val'}: no held-out text (expected {{fa,zh,en}}.txt from the tokenize stage)")
+    return out
+
+
+def _train_tokens(tok_dir: Path, meta: dict[str, Any]):
+    import numpy as np
+
+    path = tok_dir / "train.bin"
+    try:
+        return np.fromfile(path, dtype=np.dtype(meta["dtype"])).astype(np.int64)
+    except FileNotFoundError:
+        raise SokhanError(f"{path}: no such file (rerun `sokhan tokenize`)") from None
+
+
+def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[str, list[str]] | None = None,
+             bundle: Path | None = None) -> dict[str, Any]:
+    """The report: per language the model's and the n-gram's scores (and ONNX agreement with ``bundle``).
+
+    texts: raw lines per language, normalized here with the run's settings; None: the held-out split.
+    """
+    import numpy as np
+    import torch
+
+    from sokhan.pipeline import scoring
+    from sokhan.pipeline.ngram import KneserNey
+    from sokhan.pipeline.stage import log, progress, read_json
+    from sokhan.pipeline.train.checkpoint import load_model
+    from sokhan.tokenization import Tokenizer
+
+    meta = read_json(tok_dir / "meta.json")
+    tokenizer = Tokenizer.load(tok_dir / "tokenizer.json")
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, mcfg = load_model(train_dir, device=device)
+    model.eval()
+    run_cfg = read_json(train_dir / "config.json")
+    window = cfg.window or int(run_cfg.get("train", {}).get("seq_len", 256))
+    if mcfg.arch == "transformer":
+        window = min(window, mcfg.max_seq_len)
+    stride = min(cfg.stride, window)
+
+    log(f"evaluate: counting the {cfg.ngram_order}-gram baseline on {tok_dir / 'train.bin'}")
+    ngram = KneserNey(cfg.ngram_order, int(meta["vocab_size"])).fit(_train_tokens(tok_dir, meta))
+
+    def forward(ids):
+        return model(ids.to(device))
+
+    fns = scoring.torch_fns(model)
+    decoder = None
+    if bundle is not None:
+        from sokhan.export.runtime import Decoder
+
+        decoder = Decoder(bundle, provider="cpu")
+        if decoder.config["vocab_size"] != mcfg.vocab_size:
+            raise SokhanError(f"{bundle}: vocab_size {decoder.config['vocab_size']} differs from the trained model's "
+                              f"{mcfg.vocab_size}; export this run again")
+    languages: dict[str, Any] = {}
+    source = "held-out split (RUN/tokenize/val)" if texts is None else "given texts"
+    if texts is None:
+        texts = _held_out(tok_dir)
+    else:
+        texts = {lang: [n for s in lines if (n := tokenizer.normalize(s, lang)).strip()] for lang, lines in texts.items()}
+    for lang in progress(list(texts), desc="evaluate"):
+        if f"<|lang:{lang}|>" not in tokenizer.special_tokens:
+            raise SokhanError(f"language {lang!r}: this run's tokenizer has no <|lang:{lang}|> token (it was trained without {lang} text)")
+        text = scoring.encode_lines(tokenizer, texts[lang], lang, cfg.max_tokens)
+        nll, rank = scoring.score_windows(forward, text.tokens, window, stride, cfg.batch_size)
+        at = text.targets - 1  # score arrays are indexed by position - 1
+        neural = scoring.summarize(text, nll[at], rank[at])
+        if cfg.nextword_words:
+            gold = scoring.word_starts(tokenizer, text, cfg.nextword_words)
+            ranks = scoring.nextword_ranks(fns, tokenizer, text, gold, window, beam=cfg.nextword_beam)
+            neural.nextword_top1 = float(np.mean(ranks < 1)) if len(ranks) else None
+            neural.nextword_top5 = float(np.mean(ranks < 5)) if len(ranks) else None
+            neural.nextword_words = len(ranks)
+        n_logp, n_rank = ngram.score(text.tokens, text.targets)
+        base = scoring.summarize(text, -n_logp, n_rank)
+        entry = {
+            "model": asdict(neural),
+            "ngram": asdict(base),
+            "bpc_reduction": 1.0 - neural.bits_per_character / base.bits_per_character,
+        }
+        if decoder is not None:
+            entry["onnx"] = onnx_agreement(decoder, model, text.tokens[: cfg.onnx_tokens], device)
+        languages[lang] = entry
+
+    return {
+        "model": {"arch": mcfg.arch, "preset": mcfg.preset, "selective": mcfg.selective if mcfg.arch == "mamba" else None,
+                  "parameters": sum(p.numel() for p in model.parameters()), "train_dir": str(train_dir)},
+        "ngram": ngram.stats(),
+        "settings": {
+            "source": source,
+            "window": window,
+            "stride": stride,
+            "max_tokens": cfg.max_tokens,
+            "predicted": "every token except the <|lang:xx|> line tags; <|eos|> (end of line) included",
+            "characters": "normalized characters + 1 per line (its end, which <|eos|> predicts)",
+            "bits_per_character": "sum of NLL over predicted tokens in bits / characters",
+            "nextword": f"beam search over subword continuations (sokhan.export.nextword.next_words, beam {cfg.nextword_beam}, "
+                        f"≤ 8 tokens), top-5 words compared with the segmenter's next word at the first "
+                        f"{cfg.nextword_words} word starts per language",
+        },
+        "languages": languages,
+    }
+
+
+def onnx_agreement(dec, model, tokens, device: str) -> dict[str, Any]:
+    """Step ``tokens`` through ``dec`` (a ``runtime.Decoder``) and compare each step's logits with PyTorch's forward."""
+    import numpy as np
+    import torch
+
+    if dec.max_context is not None:
+        tokens = tokens[: dec.max_context]
+    state = dec.init_state(1)
+    onnx_logits = []
+    for t in tokens:
+        logits, state = dec.step(np.array([t]), state)
+        onnx_logits.append(logits[0])
+    onnx_logits = np.stack(onnx_logits).astype(np.float64)  # (T, V)
+    with torch.no_grad():
+        ref = model(torch.as_tensor(np.asarray(tokens)[None], device=device))[0].double().cpu().numpy()  # (T, V)
+    return {
+        "bundle": str(dec.bundle),
+        "tokens": int(len(tokens)),
+        "top1_agreement": float(np.mean(onnx_logits.argmax(-1) == ref.argmax(-1))),
+        "max_logit_diff": float(np.abs(onnx_logits - ref).max()),
+    }
+
+
+_COLUMNS = ("tokens", "characters", "words", "nll_per_token", "perplexity", "bits_per_character", "top1", "top5",
+            "nextword_top1", "nextword_top5")
+_HEADERS = ("lang", "model", "tokens", "chars", "words", "NLL/tok", "ppl", "bpc", "top-1", "top-5", "word@1", "word@5")
+
+
+def _rows(report: dict[str, Any]) -> list[list[str]]:
+    m = report["model"]
+    name = m["arch"] + ("" if m["selective"] in (None, True) else " (LTI)") + f" {m['preset']}"
+    rows = []
+    for lang, r in report["languages"].items():
+        for label, s in ((name, r["model"]), (f"{report['ngram']['order']}-gram KN", r["ngram"])):
+            cells = [lang, label]
+            for key in _COLUMNS:
+                v = s.get(key)
+                if v is None:
+                    cells.append("–")
+                elif isinstance(v, int):
+                    cells.append(f"{v:,}")
+                elif key in ("top1", "top5", "nextword_top1", "nextword_top5"):
+                    cells.append(f"{100 * v:.1f}%")
+                else:
+                    cells.append(f"{v:.3f}" if math.isfinite(v) else "inf")
+            rows.append(cells)
+    return rows
+
+
+def table(report: dict[str, Any], style: Literal["text", "markdown"] = "text") -> str:
+    """The report's figures, one row per (language, model): aligned text, or a markdown table."""
+    rows = _rows(report)
+    if style == "markdown":
+        head = "| " + " | ".join(_HEADERS) + " |\n|" + "|".join(["---"] * 2 + ["---:"] * (len(_HEADERS) - 2)) + "|\n"
+        return head + "".join("| " + " | ".join(r) + " |\n" for r in rows)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(_HEADERS)]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    out = [line(_HEADERS), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    for lang, r in report["languages"].items():
+        out.append(_versus(lang, r))
+        if "onnx" in r:
+            o = r["onnx"]
+            out.append(f"{lang}: ONNX vs PyTorch over {o['tokens']} tokens: top-1 agreement {100 * o['top1_agreement']:.1f}%, "
+                       f"max |logit diff| {o['max_logit_diff']:.2e}")
+    return "\n".join(out) + "\n"
+
+
+def _versus(lang: str, r: dict[str, Any]) -> str:
+    d = r["bpc_reduction"]
+    return f"{lang}: the model's bits per character are {100 * abs(d):.1f}% {'below' if d >= 0 else 'above'} the n-gram's"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    notes = "\n".join(f"- {k.replace('_', ' ')}: {v}" for k, v in s.items())
+    return (
+        f"# Evaluation\n\n{table(report, 'markdown')}\n"
+        + "".join(f"- {_versus(lang, r)}\n" for lang, r in report["languages"].items())
+        + f"\nHow it was measured:\n\n{notes}\n- n-gram: {json.dumps(report['ngram'])}\n"
+    )

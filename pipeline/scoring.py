@@ -1,0 +1,284 @@
+"""Scoring a language model on a token stream: sliding-window NLL, next-token ranks and next-word accuracy.
+
+Everything here is model-agnostic: the neural model comes in as ``forward(ids (B, L)) -> logits (B, L, V)`` for
+the token-level figures and as ``ModelFns`` (numpy step / advance) for next-word search; the n-gram model is
+scored by its own ``score``, and both go through ``summarize``.
+
+What is scored. A text is a list of normalized lines of one language, encoded as the training shards are:
+``<|lang:xx|>`` + tokens + ``<|eos|>`` per line, lines concatenated into one stream. Every token of the stream
+except the ``<|lang:xx|>`` tags is predicted, the ``<|eos|>`` that ends each line included (the tag is given, the
+end of the line is not). Characters are those of the normalized lines plus one per line for its end (the newline
+that ``<|eos|>`` stands for), so bits per character = (sum of NLL over predicted tokens) / ln 2 / characters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+TOPK = 5
+
+
+@dataclass
+class EncodedText:
+    """One language's text as a token stream, with what is predicted in it."""
+
+    lang: str
+    lines: list[str]  # normalized, non-empty
+    tokens: np.ndarray  # (T,) int64: per line <|lang|> + ids + <|eos|>
+    line_starts: np.ndarray  # (n_lines + 1,) int64: line i is tokens[line_starts[i]:line_starts[i + 1]]
+    targets: np.ndarray  # (P,) int64: positions whose token is predicted (all but the <|lang|> tags)
+    chars: int
+    words: int  # segmenter words holding a letter or digit
+
+
+def splitter(tokenizer, lang: str) -> Callable[[str], list[str]]:
+    """Words of a text in ``lang``: the splitter next-word prediction uses (``sokhan.export.nextword``)."""
+    from sokhan.export.nextword import default_splitter
+
+    return default_splitter(tokenizer, lang)
+
+
+def is_word(piece: str) -> bool:
+    """A word holds a letter or digit; punctuation pieces are not counted or scored as words."""
+    return any(c.isalnum() for c in piece)
+
+
+def encode_lines(tokenizer, lines: Sequence[str], lang: str, max_tokens: int | None = None,
+                 split: Callable[[str], list[str]] | None = None) -> EncodedText:
+    """Encode normalized ``lines`` of ``lang``; stops before the line that would pass ``max_tokens`` predicted tokens.
+
+    Empty lines are dropped (the tokenize stage writes none). At least one line is kept.
+    """
+    split = split or splitter(tokenizer, lang)
+    specials = tokenizer.special_tokens
+    tag, eos = specials[f"<|lang:{lang}|>"], specials["<|eos|>"]
+    stream: list[int] = []
+    starts = [0]
+    kept: list[str] = []
+    n_pred = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        ids = tokenizer.encode_normalized(line, lang)
+        if max_tokens is not None and kept and n_pred + len(ids) + 1 > max_tokens:
+            break
+        stream += [tag, *ids, eos]
+        starts.append(len(stream))
+        kept.append(line)
+        n_pred += len(ids) + 1
+    tokens = np.array(stream, dtype=np.int64)
+    is_tag = np.zeros(len(tokens), bool)
+    is_tag[np.array(starts[:-1], dtype=np.int64)] = True
+    return EncodedText(
+        lang=lang,
+        lines=kept,
+        tokens=tokens,
+        line_starts=np.array(starts, dtype=np.int64),
+        targets=np.flatnonzero(~is_tag),
+        chars=sum(len(s) for s in kept) + len(kept),
+        words=sum(sum(map(is_word, split(s))) for s in kept),
+    )
+
+
+def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over a stream of ``n`` tokens: (start, end, first) with targets first .. end-1 scored.
+
+    Each target position p in 1 .. n-1 is scored exactly once, in the first window that reaches it; every window
+    after the first scores only its last ``stride`` positions (window - 1 when stride = window), so each of those
+    sees ≥ window - stride tokens of context (the first window's targets see all tokens before them).
+    """
+    if not 0 < stride <= window:
+        raise ValueError(f"stride = {stride} must be in (0, window = {window}]")
+    out: list[tuple[int, int, int]] = []
+    start, done = 0, 1
+    while done < n:
+        end = min(start + window, n)
+        out.append((start, end, done))
+        done = end
+        start = min(start + stride, done - 1)  # the first target's predecessor must be inside the window
+    return out
+
+
+def score_windows(
+    forward: Callable,
+    tokens: np.ndarray,
+    window: int,
+    stride: int,
+    batch_size: int = 8,
+    topk: int = TOPK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """NLL (nats, float64) and rank of every token tokens[1:] under ``forward``, scored with sliding windows.
+
+    forward: torch (B, L) int64 -> (B, L, V) logits. Returns (nll (n-1,), rank (n-1,)) indexed by position - 1;
+    rank 0 is the top prediction (ties count against the target), ranks ≥ topk are reported as topk.
+    """
+    import torch
+
+    n = len(tokens)
+    nll = np.full(max(n - 1, 0), np.nan)
+    rank = np.full(max(n - 1, 0), topk, np.int64)
+    wins = windows(n, window, stride)
+    t = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    for b in range(0, len(wins), batch_size):
+        group = wins[b : b + batch_size]
+        length = max(e - s for s, e, _ in group)
+        # Right padding is never seen by the positions that are scored: both models are causal.
+        batch = torch.zeros(len(group), length, dtype=torch.int64)
+        for i, (s, e, _) in enumerate(group):
+            batch[i, : e - s] = t[s:e]
+        with torch.no_grad():
+            logits = forward(batch).double()  # (B, L, V)
+        logp = torch.log_softmax(logits, dim=-1)
+        for i, (s, e, first) in enumerate(group):
+            pos = torch.arange(first, e)  # targets, absolute positions
+            lp = logp[i, pos - 1 - s]  # (P, V): the prediction made one step earlier
+            tgt = lp.gather(1, t[pos].unsqueeze(1))  # (P, 1)
+            nll[first - 1 : e - 1] = (-tgt[:, 0]).numpy()
+            rank[first - 1 : e - 1] = ((lp >= tgt).sum(1) - 1).clamp(max=topk).numpy()
+    return nll, rank
+
+
+@dataclass
+class Scores:
+    """Per-language figures; the JSON report holds ``asdict`` of these (None where not measured)."""
+
+    tokens: int
+    characters: int
+    words: int
+    nll_per_token: float
+    perplexity: float
+    bits_per_character: float
+    top1: float
+    top5: float
+    nextword_top1: float | None = None
+    nextword_top5: float | None = None
+    nextword_words: int | None = None
+
+
+def summarize(text: EncodedText, nll: np.ndarray, rank: np.ndarray) -> Scores:
+    """Scores from the NLL (nats) and rank at each of ``text.targets`` (arrays aligned with them)."""
+    total = float(np.sum(nll))
+    mean = total / len(nll)
+    return Scores(
+        tokens=int(len(nll)),
+        characters=text.chars,
+        words=text.words,
+        nll_per_token=mean,
+        perplexity=math.exp(mean),
+        bits_per_character=total / math.log(2) / text.chars,
+        top1=float(np.mean(rank < 1)),
+        top5=float(np.mean(rank < 5)),
+    )
+
+
+def word_starts(tokenizer, text: EncodedText, limit: int, split: Callable[[str], list[str]] | None = None) -> list[tuple[int, str]]:
+    """Up to ``limit`` (position, gold word) pairs: stream positions where a word starts, and that word.
+
+    A position starts a word when the text decoded from its line's tokens before it ends at a boundary of the
+    segmenter's words (whitespace after the boundary is skipped, as ``nextword.first_word`` strips it).
+    The gold word is the first word of the rest of the line, cut by the same ``nextword.first_word``.
+    """
+    from sokhan.export.nextword import first_word
+
+    split = split or splitter(tokenizer, text.lang)
+    out: list[tuple[int, str]] = []
+    for i, line in enumerate(text.lines):
+        a, b = int(text.line_starts[i]) + 1, int(text.line_starts[i + 1]) - 1  # the line's own tokens [a, b)
+        ids = text.tokens[a:b].tolist()
+        full = tokenizer.decode(ids)
+        starts, cursor = set(), 0
+        for w in split(full):
+            at = full.find(w, cursor)
+            if at < 0:
+                break
+            starts.add(at)
+            cursor = at + len(w)
+        for j in range(len(ids)):
+            prefix = tokenizer.decode(ids[:j])
+            if not full.startswith(prefix):
+                continue  # the boundary falls inside a multi-byte character
+            at = len(prefix) + len(full[len(prefix) :]) - len(full[len(prefix) :].lstrip())
+            if at not in starts:
+                continue
+            gold = first_word(tokenizer.decode(ids[j:]), split, final=True)
+            if gold and is_word(gold):
+                out.append((a + j, gold))
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+def nextword_ranks(
+    model: "ModelFns",
+    tokenizer,
+    text: EncodedText,
+    positions: list[tuple[int, str]],
+    window: int,
+    k: int = TOPK,
+    beam: int = 8,
+    max_tokens: int = 8,
+    split: Callable[[str], list[str]] | None = None,
+) -> np.ndarray:
+    """Rank of the gold word among the model's ``k`` best next words at each (position, word); k if absent.
+
+    The words come from ``sokhan.export.nextword.next_words`` (beam search over subword continuations, the same
+    search the exported runtime uses). The state is carried along the stream and rebuilt from the last
+    ``window // 2`` tokens whenever it would hold more than ``window - max_tokens`` tokens, so that with the
+    search's own steps a transformer's cache (``window`` ≤ its ``max_seq_len``) never overflows.
+    """
+    from sokhan.export.nextword import next_words
+
+    split = split or splitter(tokenizer, text.lang)
+    ranks = np.full(len(positions), k, np.int64)
+    state, fed, logits = model.init_state(), 0, None  # fed: how many tokens ``state`` has consumed
+    p = 0  # the state has seen tokens[:p] (its last ``fed`` of them)
+    for i, (target, gold) in enumerate(positions):
+        if fed + target - p > window - max_tokens:
+            state, fed = model.init_state(), 0
+            p = max(0, target - window // 2)
+        logits, state = model.advance(text.tokens[p:target], state)
+        fed, p = fed + target - p, target
+        found = next_words(model.step, state, logits, tokenizer, k=k, beam=beam, max_tokens=max_tokens, split=split)
+        words = [w for w, _ in found]
+        if gold in words:
+            ranks[i] = words.index(gold)
+    return ranks
+
+
+@dataclass
+class ModelFns:
+    """A PyTorch model seen through numpy, batch 1: what next-word search needs.
+
+    step(ids (1,), state) -> (logits (1, V), new state), leaving ``state`` untouched (``nextword`` branches from it);
+    advance(ids (T,), state) -> (logits (V,) after the last id, state) consumes a chunk in one parallel pass.
+    """
+
+    init_state: Callable[[], Any]
+    step: Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
+    advance: Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
+
+
+def torch_fns(model) -> ModelFns:
+    import torch
+
+    param = next(model.parameters())
+
+    def init_state():
+        return model.init_state(1, param.device, param.dtype)
+
+    def step(ids: np.ndarray, state):
+        fresh = type(state).from_tensors([x.clone() for x in state.tensors()])
+        with torch.no_grad():
+            logits, fresh = model.step(torch.as_tensor(ids, dtype=torch.int64, device=param.device), fresh)
+        return logits.float().cpu().numpy(), fresh
+
+    def advance(ids: np.ndarray, state):
+        with torch.no_grad():
+            logits, state = model.prefill(torch.as_tensor(np.asarray(ids)[None], dtype=torch.int64, device=param.device), state)
+        return logits[0, -1].float().cpu().numpy(), state
+
+    return ModelFns(init_state, step, advance)

@@ -1,0 +1,141 @@
+"""The evaluate stage end to end on a miniature run directory (tokenizer, shards and model made in the test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sokhan.pipeline.cli import main
+from sokhan.pipeline.config import RunConfig, to_dict
+from sokhan.pipeline.stage import run_stage, save_run_config, write_json
+from sokhan.pipeline.stages.evaluate import EvaluateConfig
+from sokhan.tokenization import SegmenterConfig, Tokenizer, segment
+
+TRAIN = {
+    "fa": ["در جنگل یک شیر درنده را دیدم", "کتاب‌ها را خواندم", "شیر در جنگل بود", "من کتاب را دیدم"] * 6,
+    "en": ["the cat sat on the mat .", "a dog ran in the park", "the cat ran to the dog"] * 6,
+}
+VAL = {"fa": ["شیر را در جنگل دیدم", "کتاب را خواندم"], "en": ["the dog sat on the mat .", "a cat ran"]}
+
+
+def make_run(root: Path, arch: str) -> tuple[Path, RunConfig]:
+    """tokenize/ and train/ outputs, as the stages write them, with an untrained model of ``arch``."""
+    import torch
+
+    from sokhan.pipeline.models import ModelConfig, build
+    from sokhan.pipeline.train.checkpoint import save_model_folder
+
+    run = root / arch
+    tok_dir, train_dir = run / "tokenize", run / "train"
+    (tok_dir / "val").mkdir(parents=True)
+    pieces = [p for lang, lines in TRAIN.items() for line in lines for p in segment(line, lang)]
+    tok = Tokenizer.train(iter([pieces]), vocab_size=300, min_frequency=2, segmenter=SegmenterConfig())
+    tok.save(tok_dir)
+    ids = [i for lang, lines in TRAIN.items() for line in lines for i in tok.encode(line, lang, add_special_tokens=True)]
+    np.array(ids, dtype=np.uint16).tofile(tok_dir / "train.bin")
+    for lang, lines in VAL.items():
+        (tok_dir / "val" / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_json(tok_dir / "meta.json", {"dtype": "uint16", "vocab_size": tok.vocab_size, "special_tokens": tok.special_tokens})
+    write_json(tok_dir / "manifest.json", {"outputs": {"train.bin": "x"}})
+
+    config = RunConfig(evaluate=EvaluateConfig(stride=8, window=16, nextword_words=5, nextword_beam=3))
+    config.model = ModelConfig(arch=arch, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+    config.train.seq_len = 16
+    torch.manual_seed(0)
+    mcfg = config.model.resolve(tok.vocab_size)
+    stored = to_dict(config)
+    stored["model"] = to_dict(mcfg)
+    save_model_folder(train_dir, build(mcfg), stored)
+    write_json(train_dir / "manifest.json", {"outputs": {"model.safetensors": "y"}})
+    save_run_config(run, config)
+    return run, config
+
+
+@pytest.mark.parametrize("arch", ["mamba", "transformer"])
+def test_stage_writes_report(tmp_path, arch, capsys):
+    run, config = make_run(tmp_path, arch)
+    run_stage("evaluate", config, run)
+    report = json.loads((run / "evaluate" / "report.json").read_text(encoding="utf-8"))
+    assert set(report["languages"]) == {"fa", "en"}
+    assert report["model"]["arch"] == arch
+    for lang, r in report["languages"].items():
+        m, n = r["model"], r["ngram"]
+        assert m["tokens"] == n["tokens"] > 0 and m["characters"] == sum(len(s) + 1 for s in VAL[lang])
+        # An untrained model is close to uniform over the vocabulary: NLL ≈ ln V.
+        assert abs(m["nll_per_token"] - np.log(300)) < 0.5
+        assert m["bits_per_character"] == pytest.approx(m["nll_per_token"] * m["tokens"] / np.log(2) / m["characters"])
+        # The n-gram model has seen these words: it beats the untrained network.
+        assert n["bits_per_character"] < m["bits_per_character"] and r["bpc_reduction"] < 0
+        assert 0 <= m["top1"] <= m["top5"] <= 1 and 0 <= m["nextword_top1"] <= m["nextword_top5"] <= 1
+        assert m["nextword_words"] == 5
+    md = (run / "evaluate" / "report.md").read_text(encoding="utf-8")
+    assert "| fa | " in md and "5-gram KN" in md
+    assert "bpc" in capsys.readouterr().out  # the table on the terminal
+
+
+def test_adhoc_text_prints_and_writes_nothing(tmp_path, capsys):
+    run, _ = make_run(tmp_path, "mamba")
+    text = tmp_path / "t.txt"
+    text.write_text("در جنگل یک شیر درنده را دیدم\n\nthe cat sat on the mat .\n", encoding="utf-8")
+    assert main(["evaluate", "--run-dir", str(run), "--text", str(text), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["source"] == "given texts"
+    assert set(report["languages"]) == {"fa", "en"}  # detected per line
+    assert report["languages"]["fa"]["model"]["characters"] == len("در جنگل یک شیر درنده را دیدم") + 1
+    assert not (run / "evaluate").exists()
+
+    assert main(["evaluate", "--run-dir", str(run), "--text", str(text), "--lang", "en"]) == 0
+    out = capsys.readouterr().out
+    assert "en" in out and "fa " not in out
+
+
+def test_bad_flags_are_one_line(tmp_path, capsys):
+    run, _ = make_run(tmp_path, "mamba")
+    assert main(["evaluate", "--run-dir", str(run), "--lang", "fa"]) == 2
+    assert "--lang needs --text" in capsys.readouterr().err
+    assert main(["evaluate", "--run-dir", str(run), "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["evaluate", "--run-dir", str(run), "--set", "evaluate.stride=0"]) == 2
+    assert "evaluate.stride" in capsys.readouterr().err
+
+
+class StepDecoder:
+    """Stands in for ``runtime.Decoder``: steps the PyTorch model itself, logits optionally offset at one position."""
+
+    bundle = Path("fake-bundle")
+    max_context = None
+
+    def __init__(self, model, bump_at: int | None = None):
+        self.model, self.bump_at, self.t = model, bump_at, 0
+
+    def init_state(self, batch_size):
+        return self.model.init_state(batch_size)
+
+    def step(self, ids, state):
+        import torch
+
+        with torch.no_grad():
+            logits, state = self.model.step(torch.as_tensor(ids), state)
+        logits = logits.numpy().copy()
+        if self.t == self.bump_at:
+            logits[0, 0] += 100.0  # token 0 becomes the top prediction
+        self.t += 1
+        return logits, state
+
+
+def test_onnx_agreement_measures_step_against_forward():
+    import torch
+
+    from sokhan.pipeline.models import ModelConfig, build
+    from sokhan.pipeline.stages.evaluate import onnx_agreement
+
+    torch.manual_seed(0)
+    model = build(ModelConfig(arch="mamba", d_model=16, n_layers=2, vocab_size=30).resolve()).eval()
+    tokens = np.random.default_rng(0).integers(1, 30, size=20)
+    same = onnx_agreement(StepDecoder(model), model, tokens, "cpu")
+    assert same["tokens"] == 20 and same["top1_agreement"] == 1.0 and same["max_logit_diff"] < 1e-4
+    off = onnx_agreement(StepDecoder(model, bump_at=7), model, tokens, "cpu")
+    assert off["top1_agreement"] == pytest.approx(19 / 20) and off["max_logit_diff"] == pytest.approx(100.0, abs=1e-3)

@@ -1,0 +1,103 @@
+"""`sokhan inspect`: attention weights and Δ captured right, PNGs written with shaped Persian labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sokhan.pipeline import inspect
+from sokhan.pipeline.cli import main
+from sokhan.pipeline.models import ModelConfig, build
+from sokhan.pipeline.models.transformer import CausalSelfAttention
+from sokhan.pipeline.plotting import label
+from test_evaluate import make_run  # the miniature run directory (tests/ is on sys.path under pytest)
+
+SHIR = "در جنگل یک شیر درنده را دیدم"
+
+
+def test_attention_maps_reproduce_the_layer():
+    torch.manual_seed(0)
+    model = build(ModelConfig(arch="transformer", d_model=32, n_layers=2, n_heads=4, max_seq_len=32, vocab_size=50).resolve()).eval()
+    ids = torch.randint(50, (1, 11))
+    outputs = []
+    attn = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    handles = [m.register_forward_hook(lambda mod, args, out: outputs.append((mod, args, out))) for m in attn]
+    maps = inspect.attention_maps(model, ids)
+    for h in handles:
+        h.remove()
+    assert len(maps) == 2 and maps[0].shape == (4, 11, 11)
+    for att, (mod, args, out) in zip(maps, outputs[-2:]):
+        np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-12)
+        assert np.abs(np.triu(att, 1)).max() == 0.0  # causal
+        # Weights · values through the output projection give back what the layer computed.
+        _, _, v = mod._project(*args)
+        y = torch.as_tensor(att)[None].float() @ v  # (1, nh, L, hs)
+        torch.testing.assert_close(mod._output(y), out, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("selective", [True, False])
+def test_delta_maps(selective):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="mamba", d_model=16, n_layers=3, selective=selective, vocab_size=40).resolve()
+    model = build(cfg).eval()
+    ids = torch.randint(40, (1, 9))
+    maps = inspect.delta_maps(model, ids)
+    assert len(maps) == 3 and maps[0].shape == (9, cfg.d_inner)
+    assert all((m > 0).all() for m in maps)
+    if selective:
+        assert maps[0].std(axis=0).max() > 0  # Δ depends on the token
+    else:
+        mixer = model.backbone.layers[0].mixer
+        want = torch.nn.functional.softplus(mixer.dt_bias.detach().double()).numpy()
+        np.testing.assert_allclose(maps[0], np.broadcast_to(want, maps[0].shape), rtol=1e-12)  # the same at every token
+    assert "_ssm_params" not in vars(model.backbone.layers[0].mixer)  # the wrapper is gone
+    torch.testing.assert_close(model(ids), model(ids))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {arch: make_run(root, arch)[0] for arch in ("transformer", "mamba")}
+
+
+@pytest.mark.parametrize("arch", ["transformer", "mamba"])
+def test_cli_writes_pngs(tmp_path, runs, arch, capsys):
+    run = runs[arch]
+    out = tmp_path / "png"
+    # The throwaway tokenizer spells Persian nearly letter by letter; a short text keeps the transformer's plots quick.
+    text = SHIR if arch == "mamba" else "شیر را دیدم"
+    assert main(["inspect", "--run-dir", str(run), "--text", text, "--out", str(out)]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == (["attention_layer0.png", "attention_layer1.png"] if arch == "transformer" else ["delta.png"])
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    assert str(pngs[0]) in capsys.readouterr().out
+
+
+def test_token_labels_are_shaped(runs):
+    from sokhan.tokenization import Tokenizer
+
+    tok = Tokenizer.load(runs["mamba"] / "tokenize" / "tokenizer.json")
+    ids = tok.encode(SHIR, "fa", add_special_tokens=True)
+    labels = inspect.token_labels(tok, ids)
+    assert labels[0] == "<fa>" and labels[-1] == "<eos>"
+    for i, lab in zip(ids[1:-1], labels[1:-1]):
+        piece = tok.decode([i])
+        if "\ufffd" not in piece:
+            assert lab == label(piece.strip() or "␣")  # a lone space gets a visible mark
+        else:
+            assert lab.endswith("·")  # part of a character: the character, marked
+    assert any(lab != tok.decode([i]).strip() for i, lab in zip(ids[1:-1], labels[1:-1]))  # Persian was reshaped
+    # The throwaway vocabulary splits Chinese characters into bytes: each piece names its whole character.
+    zh = inspect.token_labels(tok, tok.encode("狮子", "zh"))
+    assert len(zh) > 2 and all(lab.endswith("·") for lab in zh)
+    assert "".join(dict.fromkeys(lab.rstrip("·") for lab in zh)) == "狮子"
+
+
+def test_bad_input(tmp_path, runs, capsys):
+    run = runs["mamba"]
+    assert main(["inspect", "--run-dir", str(run), "--text", "... 123"]) == 2
+    assert "--lang" in capsys.readouterr().err
+    assert main(["inspect", "--run-dir", str(tmp_path / "nope"), "--text", SHIR]) == 2
+    assert "has not finished" in capsys.readouterr().err
