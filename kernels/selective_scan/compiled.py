@@ -1,22 +1,23 @@
 """The selective scan as a fused C++ loop on the CPU (``cpu_scan.cpp``): the ``cpu`` backend on CPU tensors.
 
-The C++ source has a plain C ABI and includes no torch header, so it builds in about a second with the system C++
-compiler (``$CXX`` or ``c++``) the first time it is needed, never at import (``torch.utils.cpp_extension`` would
-compile the torch headers too, which takes about a minute here). The shared library is cached under
-``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in ``sokhan_cpu_scan/<hash>.so``, the hash
-covering the source, the flags, the compiler and the CPU (the build targets ``-march=native``). Concurrent first
-builds (pytest-xdist workers) each compile to their own temporary file and rename it into place: the rename is
-atomic and any complete build is a valid one, so no lock is needed. If no compiler is found or the build fails,
-:func:`load` returns None after one warning and the caller uses the chunked PyTorch path.
-
 The kernel is the scan proper (h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t, y_t = C_t · h_t), where all the (Bt, D, L, N)
 work lies; Δ's bias and softplus, the skip D u and the silu(z) gate are (Bt, D, L) PyTorch ops around it,
-differentiated by autograd (moving them into the loop made it twice as slow: a scalar softplus and sigmoid per step
-cost more than the 16 vectorized state updates). Forward: per (batch, channel), one pass over L with the N-value
-state in L1; exp(ΔA), ΔBu and the states are never stored. Backward: per (batch, channel), the states are recomputed into a per-thread (L + 1, N) buffer, then the
-adjoint runs from the last step to the first and forms every gradient in the same loop. Channels run in parallel on
-``torch.get_num_threads()`` threads; dB and dC, sums over a group's channels, go to one partial buffer per channel
-partition (a single one with one thread per (batch, group)) summed here, so no two threads write the same element.
+differentiated by autograd (inside the loop, a scalar softplus and sigmoid per step cost more than the 16 vectorized
+state updates: the forward ran twice as slow). Forward: per (batch, channel), one pass over L with the N-value state
+in L1; exp(ΔA), ΔBu and the states are never stored. Backward: per (batch, channel), the states are recomputed into
+a per-thread (L + 1, N) buffer, then the adjoint runs from the last step to the first and forms every gradient in
+the same loop. Channels run on ``torch.get_num_threads()`` threads of PyTorch's own OpenMP pool (``parallel_for``
+in the source says why); dB and dC, sums over a group's channels, go to one partial buffer per channel partition
+(a single one with a thread per (batch, group) or fewer), summed here, so no two threads write the same element.
+
+Building: the source has a plain C ABI and includes no torch header, so it compiles in about 2 s with the system
+C++ compiler (``$CXX`` or ``c++``) on the first call that needs it, never at import; ``torch.utils.cpp_extension``
+would compile the torch headers too (39 s for a one-line function on the dev box). The library is cached under
+``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) as ``sokhan_cpu_scan/<hash>.so``, the hash covering
+the source, the flags, the compiler and the CPU (the build targets ``-march=native``). Concurrent first builds
+(pytest-xdist workers) each compile to their own temporary file and rename it into place: the rename is atomic and
+any complete build is a valid one, so no lock is needed. If no compiler is found or the build fails, :func:`load`
+returns None after one warning and the caller uses the chunked PyTorch path.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sokhan import SokhanError
 from sokhan.kernels.selective_scan.reference import discretize_delta
 
 SOURCE = Path(__file__).with_name("cpu_scan.cpp")
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp-simd", "-march=native"]
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-march=native"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _PTR, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _FWD_ARGS = [_PTR] * 5 + [_I64] * 5 + [_PTR, _PTR, _INT]
@@ -157,9 +159,15 @@ def selective_scan_compiled(
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Same signature, shapes and results as :func:`~sokhan.kernels.selective_scan.reference.selective_scan_ref`;
-    CPU tensors only, and :func:`load` must have returned the library. The (Bt, D, L) elementwise parts (bias,
-    softplus, skip, gate) are PyTorch ops differentiated by autograd; the scan itself is the compiled kernel."""
+    """Same signature, shapes and results as :func:`~sokhan.kernels.selective_scan.reference.selective_scan_ref`,
+    for CPU tensors. The (Bt, D, L) elementwise parts (bias, softplus, skip, gate) are PyTorch ops differentiated by
+    autograd; the scan itself is the compiled kernel."""
+    devices = {t.device.type for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None}
+    if devices != {"cpu"}:
+        raise SokhanError(f"selective_scan_compiled: needs CPU tensors, got {', '.join(sorted(devices))}")
+    if load() is None:
+        raise SokhanError("selective_scan_compiled: the kernel could not be built (see the warning); "
+                          "use selective_scan(..., backend='cpu'), which falls back to the chunked scan")
     dtype_in = u.dtype
     dtype = torch.promote_types(dtype_in, torch.float32)
     u = u.to(dtype)

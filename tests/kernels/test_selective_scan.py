@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -170,10 +171,10 @@ def test_compiled_matches_float64_reference(
     )
 
 
-@pytest.mark.parametrize("threads", [3, 8])
+@pytest.mark.parametrize("threads", [3, 16])
 def test_compiled_splits_channels_across_threads(threads):
-    """Several threads per (batch, group): channel partitions write separate dB/dC buffers (uneven: 5 or 6 channels
-    of a group over 3 or 8 threads, more threads than channels included)."""
+    """More threads than (batch, group) pairs: a group's 5 channels are split into partitions that write separate
+    dB/dC buffers, 2 uneven ones with 3 threads, one per channel with 16 (the count is capped at 5)."""
     needs_compiler()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -201,10 +202,16 @@ def test_cpu_backend_runs_the_compiled_scan_and_falls_back_without_a_compiler(mo
     assert torch.equal(fallback, selective_scan_chunked(**inputs, delta_softplus=True))
 
 
+def test_compiled_refuses_tensors_off_the_cpu():
+    inputs = make_inputs(6, 1, 2, 3, 4, None, True, False, False)
+    with pytest.raises(SokhanError, match="selective_scan_compiled: needs CPU tensors, got meta"):
+        selective_scan_compiled(**{k: v.to("meta") if v is not None else None for k, v in inputs.items()})
+
+
 def test_concurrent_first_builds_do_not_clash(tmp_path):
     """Two processes (as pytest-xdist workers would) build into one empty cache at once: both load a working library
     and exactly one .so is left, with no temporary files."""
-    if compiled.shutil.which(os.environ.get("CXX", "c++")) is None:
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler on PATH")
     script = (
         "import torch; from sokhan.kernels.selective_scan import compiled, selective_scan_ref as ref; "
