@@ -74,6 +74,14 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def output_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A Triton kernel's output: uninitialized on GPU; NaN-filled under the interpreter, so a test sees any element
+    a kernel failed to write."""
+    if interpreting():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def check_triton(op: str, *tensors: torch.Tensor) -> None:
     """Raise one clear line when ``op``'s Triton kernel cannot run on these tensors."""
     hint = f"use the reference path instead (backend='reference' or {ENV_VAR}=reference)"

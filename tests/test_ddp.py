@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from tiny_run import ONE_THREAD_ENV, make_tiny_run, tiny_config
 
 from sokhan.pipeline.stage import run_stage, save_run_config

@@ -19,13 +19,6 @@ MAX_WIDTH = 16
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Uninitialized on GPU; NaN-filled under the interpreter, so a test sees any element a kernel failed to write."""
-    if dispatch.interpreting():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _check(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dtype not in DTYPES or weight.dtype not in DTYPES:
         raise SokhanError(
@@ -190,7 +183,7 @@ def causal_conv1d_fwd(x, weight, bias, activation) -> torch.Tensor:
     _check("causal_conv1d", x, weight)
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
-    out = _empty((batch, dim, seqlen), x.dtype, x.device)
+    out = dispatch.output_buffer((batch, dim, seqlen), x.dtype, x.device)
     block_d, block_l = _blocks(dim, seqlen)
     grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)
     _conv_fwd_kernel[grid](
@@ -210,10 +203,10 @@ def causal_conv1d_bwd(x, weight, bias, dout, activation):
     block_d, block_l = _blocks(dim, seqlen)
     grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)
     n_parts = grid[0] * batch
-    dx = _empty((batch, dim, seqlen), x.dtype, x.device)
+    dx = dispatch.output_buffer((batch, dim, seqlen), x.dtype, x.device)
     acc_dtype, acc = _acc(x, weight, bias)
-    dw_part = _empty((n_parts, dim, width), acc_dtype, x.device)
-    db_part = _empty((n_parts, dim), acc_dtype, x.device) if bias is not None else None
+    dw_part = dispatch.output_buffer((n_parts, dim, width), acc_dtype, x.device)
+    db_part = dispatch.output_buffer((n_parts, dim), acc_dtype, x.device) if bias is not None else None
     _conv_bwd_kernel[grid](
         x, weight, bias if bias is not None else weight, dout, dx, dw_part,
         db_part if db_part is not None else dw_part,
@@ -236,7 +229,7 @@ def causal_conv1d_update_fwd(x, conv_state, weight, bias, activation) -> torch.T
         )
     batch, dim = x.shape
     width = weight.shape[1]
-    out = _empty((batch, dim), x.dtype, x.device)
+    out = dispatch.output_buffer((batch, dim), x.dtype, x.device)
     block_d = min(256, triton.next_power_of_2(dim))
     grid = (triton.cdiv(dim, block_d), batch)
     _conv_update_kernel[grid](

@@ -29,15 +29,9 @@ LOG2E = 1.4426950408889634
 MAX_GRID_Y = 65535
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Uninitialized on GPU; NaN-filled under the interpreter, so a test sees any element a kernel failed to write."""
-    if dispatch.interpreting():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
-    """Like :func:`_empty` with ``t``'s strides (a transposed (B, L, H, hd) view keeps its layout)."""
+    """Like :func:`~sokhan.kernels.dispatch.output_buffer` with ``t``'s strides (a transposed (B, L, H, hd) view
+    keeps its layout)."""
     out = torch.empty_like(t)
     return out.fill_(float("nan")) if dispatch.interpreting() else out
 
@@ -354,7 +348,7 @@ def flash_attention_fwd(q, k, v, causal: bool, scale: float | None):
     block_m = _block(seqlen_q, tiles.fwd[0])
     block_n = min(_block(seqlen_k, tiles.fwd[1]), block_m)
     o = _empty_like(q)
-    lse = _empty((batch * heads, seqlen_q), torch.float32, q.device)
+    lse = dispatch.output_buffer((batch * heads, seqlen_q), torch.float32, q.device)
     grid = (triton.cdiv(seqlen_q, block_m), batch * heads)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse,
@@ -376,7 +370,7 @@ def flash_attention_bwd(q, k, v, o, lse, do, causal: bool, scale: float | None):
     tiles = _tiles(q.dtype, width)
     config = {"num_warps": tiles.bwd_warps, "num_stages": 3}
     precision = _precision(q.dtype)
-    delta = _empty((batch * heads, seqlen_q), torch.float32, q.device)
+    delta = dispatch.output_buffer((batch * heads, seqlen_q), torch.float32, q.device)
     block_delta = _block(seqlen_q, 64)
     _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, block_delta), batch * heads)](
         o, do, delta, heads, seqlen_q, *o.stride(), *do.stride(), HEAD_DIM=width, BLOCK_M=block_delta,

@@ -19,13 +19,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_BLOCK_N = 65536 // 4
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Uninitialized on GPU; NaN-filled under the interpreter, so a test sees any element a kernel failed to write."""
-    if dispatch.interpreting():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _block(dim: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for rows of ``dim`` elements, or one clear error when a row cannot fit."""
     block_n = triton.next_power_of_2(dim)
@@ -131,12 +124,12 @@ def rms_norm_fwd(x, weight, eps, residual):
     x = _rows(x)
     M, N = x.shape
     block_n, num_warps = _block(N)
-    out = _empty((M, N), x.dtype, x.device)
+    out = dispatch.output_buffer((M, N), x.dtype, x.device)
     acc_dtype, acc = _acc(x, weight, residual)
-    rstd = _empty((M,), acc_dtype, x.device)
+    rstd = dispatch.output_buffer((M,), acc_dtype, x.device)
     if residual is not None:
         residual = _rows(residual)
-        h = _empty((M, N), residual.dtype, x.device)
+        h = dispatch.output_buffer((M, N), residual.dtype, x.device)
     else:
         h = x
     _rms_norm_fwd_kernel[(M,)](
@@ -162,10 +155,10 @@ def rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype, residual_dtype):
         n_programs = 4
     n_programs = min(n_programs, M)
     rows_per_program = triton.cdiv(M, n_programs)
-    dx = _empty((M, N), x_dtype, h.device)
-    dres = _empty((M, N), residual_dtype, h.device) if residual_dtype is not None else None
+    dx = dispatch.output_buffer((M, N), x_dtype, h.device)
+    dres = dispatch.output_buffer((M, N), residual_dtype, h.device) if residual_dtype is not None else None
     acc_dtype, acc = _acc(rstd)
-    dw_part = _empty((n_programs, N), acc_dtype, h.device)
+    dw_part = dispatch.output_buffer((n_programs, N), acc_dtype, h.device)
     _rms_norm_bwd_kernel[(n_programs,)](
         h, weight, dy, dh if dh is not None else dy, dx, dres if dres is not None else dx, dw_part, rstd,
         M, N,

@@ -27,9 +27,8 @@ discretized inputs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from sokhan.kernels.selective_scan.reference import discretize_delta
+from sokhan.kernels.selective_scan.reference import discretize_delta, skip_and_gate
 
 # Largest |A| · Σ Δ allowed inside one chunk, per dtype: exp(±bound) must stay far inside the finite range.
 _MAX_LOG_DECAY = {torch.float32: 60.0, torch.float64: 600.0}
@@ -128,8 +127,5 @@ def selective_scan_chunked(
         ys.append((xs * Cg[..., t0:t1, :]).sum(dim=-1))  # (Bt, G, H, T)
         x = xs[..., -1, :]
     y = torch.cat(ys, dim=-1).reshape(batch, dim, L)  # (Bt, D, L)
-    out = y if D is None else y + u * D.to(dtype)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(dtype))
-    out = out.to(dtype_in)
+    out = skip_and_gate(y, u, D, z).to(dtype_in)
     return (out, x.reshape(batch, dim, N)) if return_last_state else out

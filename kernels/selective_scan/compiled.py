@@ -34,10 +34,9 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sokhan import SokhanError
-from sokhan.kernels.selective_scan.reference import discretize_delta
+from sokhan.kernels.selective_scan.reference import discretize_delta, skip_and_gate
 
 SOURCE = Path(__file__).with_name("cpu_scan.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-march=native"]
@@ -173,8 +172,5 @@ def selective_scan_compiled(
     u = u.to(dtype)
     delta = discretize_delta(delta, delta_bias, delta_softplus, dtype)  # (Bt, D, L)
     y, last_state = CompiledScanFunction.apply(u, delta, A.to(dtype), B, C)  # (Bt, D, L), (Bt, D, N)
-    out = y if D is None else y + u * D.to(dtype)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(dtype))
-    out = out.to(dtype_in)
+    out = skip_and_gate(y, u, D, z).to(dtype_in)
     return (out, last_state) if return_last_state else out

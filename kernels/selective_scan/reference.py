@@ -33,6 +33,12 @@ def discretize_delta(
     return F.softplus(delta) if delta_softplus else delta
 
 
+def skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+    """``(y + D u) · silu(z)``, D and z optional, in u's (the compute) dtype. y, u, z: (Bt, D, L); D: (D,)."""
+    out = y if D is None else y + u * D.to(u.dtype)[:, None]
+    return out if z is None else out * F.silu(z.to(u.dtype))
+
+
 def selective_scan_ref(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -70,8 +76,5 @@ def selective_scan_ref(
         x = dA_t * x + dBu_t
         ys.append(torch.einsum("bdn,bdn->bd", x, C_t))
     y = torch.stack(ys, dim=2)  # (Bt, D, L)
-    out = y if D is None else y + u * D.to(dtype)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(dtype))
-    out = out.to(dtype_in)
+    out = skip_and_gate(y, u, D, z).to(dtype_in)
     return (out, x) if return_last_state else out

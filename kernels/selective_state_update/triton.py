@@ -12,19 +12,11 @@ import triton
 import triton.language as tl
 
 from sokhan import SokhanError
+from sokhan.kernels.selective_scan.triton import _softplus
 
 # Elements of the (BLOCK_D, BLOCK_N) state tile per program: small, so a decode batch of one still spreads over
 # many programs (D / 32 of them at N = 16).
 _TILE = 512
-
-
-@triton.jit
-def _softplus(x):
-    # log1p(exp(-|x|)) without log1p: log(w) · v / (w - 1) with w = 1 + v is exact to rounding (Goldberg's trick).
-    v = tl.exp(-tl.abs(x))
-    w = 1.0 + v
-    log1p = tl.where(w == 1.0, v, tl.log(w) * v / (w - 1.0))
-    return tl.maximum(x, 0.0) + log1p
 
 
 @triton.jit

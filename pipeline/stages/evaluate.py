@@ -88,8 +88,12 @@ def direct(args: argparse.Namespace, config) -> bool:
             raise SokhanError(f"{run_dir / stage}: stage {stage!r} has not finished; run `sokhan {stage} --run-dir {run_dir}` first")
     report = evaluate(config.evaluate, run_dir / "tokenize", run_dir / "train",
                       texts=_read_texts(texts, langs) if texts else None, bundle=bundle)
-    print(json.dumps(report, indent=2, ensure_ascii=False) if getattr(args, "json", False) else table(report, "text"))
+    _print_report(report, args)
     return True
+
+
+def _print_report(report: dict, args: argparse.Namespace) -> None:
+    print(json.dumps(report, indent=2, ensure_ascii=False) if getattr(args, "json", False) else table(report, "text"))
 
 
 def run(ctx) -> dict:
@@ -98,7 +102,7 @@ def run(ctx) -> dict:
     report = evaluate(ctx.config.evaluate, ctx.upstream("tokenize"), ctx.upstream("train"))
     write_json(ctx.out / "report.json", report)
     atomic_write(ctx.out / "report.md", markdown(report))
-    print(json.dumps(report, indent=2, ensure_ascii=False) if getattr(ctx.args, "json", False) else table(report, "text"))
+    _print_report(report, ctx.args)
     return {
         lang: {
             "bits_per_character": r["model"]["bits_per_character"],

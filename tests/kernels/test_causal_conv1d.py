@@ -1,40 +1,22 @@
 """causal_conv1d and its decode update: the Triton kernels against the float64 reference, outputs and gradients.
 
-On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py before triton is
-imported); with CUDA they run natively. Under the interpreter every kernel output is allocated NaN-filled, so an
-element a kernel fails to write turns the error into NaN and fails the comparison; inputs are views into larger
-NaN-filled buffers, so a read past any edge does the same.
+How the kernels run on CPU, and why outputs and inputs are NaN-padded: see kernel_testing.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import DEVICE, nan_padded, needs_triton, rel_rms
 
 from sokhan import SokhanError
 from sokhan.kernels import causal_conv1d, causal_conv1d_update, dispatch
 from sokhan.kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 
-pytest.importorskip("triton", reason="the Triton kernels need the triton package")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not dispatch.interpreting():
-    pytest.skip("no CUDA and TRITON_INTERPRET is not set, so the Triton kernels cannot run", allow_module_level=True)
+pytestmark = needs_triton
 
 # float32 kernels vs a float64 reference: at most 1.3e-7 observed under the interpreter.
 TOL_FP32 = 1e-5
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected||_rms / ||expected||_rms."""
-    diff = (actual.double() - expected.double()).pow(2).mean().sqrt()
-    return (diff / expected.double().pow(2).mean().sqrt()).item()
-
-
-def nan_padded(*shape: int) -> torch.Tensor:
-    """Random values in a view of a larger NaN-filled buffer: a read past any edge turns the results NaN."""
-    buffer = torch.full([n + 3 for n in shape], float("nan"), device=DEVICE)
-    view = buffer[tuple(slice(0, n) for n in shape)]
-    return view.copy_(torch.randn(*shape, device=DEVICE))
 
 
 def check_against_reference(x, weight, bias, activation) -> None:

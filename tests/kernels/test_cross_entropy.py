@@ -1,41 +1,29 @@
 """cross_entropy: the Triton kernels against the float64 reference, the loss and the logits' gradient.
 
-On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py before triton is
-imported); with CUDA they run natively. Under the interpreter every kernel output is allocated NaN-filled, so an
-element a kernel fails to write turns the error into NaN and fails the comparison; inputs are views into larger
-NaN-filled buffers, so a read past any edge does the same.
+How the kernels run on CPU, and why outputs and inputs are NaN-padded: see kernel_testing.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import DEVICE, nan_padded_rows, needs_triton, rel_rms
 
 from sokhan import SokhanError
 from sokhan.kernels import cross_entropy, dispatch
 from sokhan.kernels.cross_entropy import cross_entropy_ref
 
-pytest.importorskip("triton", reason="the Triton kernels need the triton package")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not dispatch.interpreting():
-    pytest.skip("no CUDA and TRITON_INTERPRET is not set, so the Triton kernels cannot run", allow_module_level=True)
+pytestmark = needs_triton
 
 # float32 kernels vs a float64 reference: at most 1.8e-7 observed under the interpreter.
 TOL_FP32 = 1e-5
 IGNORE = -100
 
 
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected||_rms / ||expected||_rms."""
-    diff = (actual.double() - expected.double()).pow(2).mean().sqrt()
-    return (diff / expected.double().pow(2).mean().sqrt()).item()
-
-
-def nan_padded(rows: int, vocab: int) -> torch.Tensor:
+def padded_logits(rows: int, vocab: int) -> torch.Tensor:
     """Random logits (spread like a trained model's) in a wider NaN-filled buffer: reading past a row's end
     turns the results NaN."""
-    buffer = torch.full((rows, vocab + 5), float("nan"), device=DEVICE)
-    return buffer[:, :vocab].copy_(3 * torch.randn(rows, vocab, device=DEVICE))
+    return nan_padded_rows(rows, vocab).mul_(3)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -51,7 +39,7 @@ def nan_padded(rows: int, vocab: int) -> torch.Tensor:
 )
 def test_loss_and_gradient_match_float64(rows, vocab, reduction):
     torch.manual_seed(rows * vocab)
-    logits = nan_padded(rows, vocab).requires_grad_(True)
+    logits = padded_logits(rows, vocab).requires_grad_(True)
     targets = torch.randint(0, vocab, (rows,), device=DEVICE)
     targets[1::3] = IGNORE  # padding positions; row 0 always counts
     loss = cross_entropy(logits, targets, ignore_index=IGNORE, reduction=reduction, backend="triton")
@@ -88,7 +76,7 @@ def test_half_precision_logits_without_a_float32_copy(dtype):
 
 def test_float64_logits_accumulate_in_float64():
     torch.manual_seed(4)
-    logits = nan_padded(9, 5000).double().requires_grad_(True)
+    logits = padded_logits(9, 5000).double().requires_grad_(True)
     targets = torch.randint(0, 5000, (9,), device=DEVICE)
     loss = cross_entropy(logits, targets, backend="triton")
     (grad,) = torch.autograd.grad(loss, [logits])

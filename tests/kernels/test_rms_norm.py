@@ -1,39 +1,22 @@
 """rms_norm fused with the residual add: the Triton kernels against the float64 reference, outputs and gradients.
 
-On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py before triton is
-imported); with CUDA they run natively. Under the interpreter every kernel output is allocated NaN-filled, so an
-element a kernel fails to write turns the error into NaN and fails the comparison; inputs are views into larger
-NaN-filled buffers, so a read past any edge does the same.
+How the kernels run on CPU, and why outputs and inputs are NaN-padded: see kernel_testing.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import DEVICE, nan_padded_rows, needs_triton, rel_rms
 
 from sokhan import SokhanError
 from sokhan.kernels import dispatch, rms_norm
 from sokhan.kernels.rms_norm import rms_norm_ref
 
-pytest.importorskip("triton", reason="the Triton kernels need the triton package")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not dispatch.interpreting():
-    pytest.skip("no CUDA and TRITON_INTERPRET is not set, so the Triton kernels cannot run", allow_module_level=True)
+pytestmark = needs_triton
 
 # float32 kernels vs a float64 reference: at most 2.0e-7 observed under the interpreter.
 TOL_FP32 = 1e-5
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected||_rms / ||expected||_rms."""
-    diff = (actual.double() - expected.double()).pow(2).mean().sqrt()
-    return (diff / expected.double().pow(2).mean().sqrt()).item()
-
-
-def nan_padded(*shape: int) -> torch.Tensor:
-    """Random rows in a view of a wider NaN-filled buffer: a read past the row's end turns the results NaN."""
-    buffer = torch.full((*shape[:-1], shape[-1] + 5), float("nan"), device=DEVICE)
-    return buffer[..., : shape[-1]].copy_(torch.randn(*shape, device=DEVICE))
 
 
 def outputs(x, weight, residual, prenorm, fn, **kwargs) -> tuple[torch.Tensor, ...]:
@@ -50,13 +33,13 @@ def test_forward_and_gradients_match_float64(seqlen, dim, has_residual, prenorm)
     129 x 2 rows spread over several backward programs, so the partial weight-gradient reduction is exercised.
     """
     torch.manual_seed(seqlen * dim)
-    x = nan_padded(2, seqlen, dim).requires_grad_(True)
+    x = nan_padded_rows(2, seqlen, dim).requires_grad_(True)
     weight = (1 + 0.1 * torch.randn(dim, device=DEVICE)).requires_grad_(True)
-    residual = nan_padded(2, seqlen, dim).requires_grad_(True) if has_residual else None
+    residual = nan_padded_rows(2, seqlen, dim).requires_grad_(True) if has_residual else None
     inputs = [t for t in (x, weight, residual) if t is not None]
 
     outs = outputs(x, weight, residual, prenorm, rms_norm, backend="triton")
-    grad_outs = [nan_padded(*o.shape) for o in outs]
+    grad_outs = [nan_padded_rows(*o.shape) for o in outs]
     grads = torch.autograd.grad(outs, inputs, grad_outs)
 
     inputs64 = [t.detach().double().requires_grad_(True) for t in inputs]
@@ -110,7 +93,7 @@ def test_float32_stream_beside_float16_blocks():
 
 def test_float64_inputs_accumulate_in_float64():
     torch.manual_seed(11)
-    x, residual = (nan_padded(2, 63, 37).double().requires_grad_(True) for _ in range(2))
+    x, residual = (nan_padded_rows(2, 63, 37).double().requires_grad_(True) for _ in range(2))
     weight = torch.randn(37, device=DEVICE, dtype=torch.float64, requires_grad=True)
     out, h = rms_norm(x, weight, residual=residual, prenorm=True, backend="triton")
     grads = torch.autograd.grad(out.square().sum() + h.sum(), [x, weight, residual])

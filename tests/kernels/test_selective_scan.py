@@ -20,6 +20,8 @@ import warnings
 
 import pytest
 import torch
+from kernel_testing import DEVICE, needs_triton
+from kernel_testing import rel_rms as _rel_rms
 
 from sokhan import SokhanError
 from sokhan.kernels import dispatch, selective_scan
@@ -32,7 +34,6 @@ from sokhan.kernels.selective_scan import (
 )
 from sokhan.kernels.selective_scan.chunked import chunk_bounds
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32 against float64, largest over the cases' outputs and gradients: 4.3e-7 for Triton, 4.2e-7 for the compiled
 # scan, 3.4e-6 for the chunked path (in dA, a sum over batch and time; the chunked path's exp factors reach e^±60, so
 # their arguments carry up to 60 ulp); float64 against float64: 6e-16 compiled, 5e-15 chunked.
@@ -51,10 +52,8 @@ PARAMS = "batch, dim, N, L, groups, has_D, has_z, has_bias, softplus, last, bloc
 
 
 def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected||_rms / ||expected||_rms; ||actual||_rms where expected is exactly zero (dA at L = 1)."""
-    diff = (actual.double() - expected.double()).pow(2).mean().sqrt()
-    scale = expected.double().pow(2).mean().sqrt()
-    return (diff / scale if scale > 0 else diff).item()
+    """Relative RMS error; absolute where expected is exactly zero (dA at L = 1)."""
+    return _rel_rms(actual, expected, absolute_below=0.0)
 
 
 def make_inputs(seed, batch, dim, N, L, groups, has_D, has_z, has_bias, delta_scale=0.5):
@@ -114,26 +113,23 @@ def scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last
     return (out, state) if return_last_state else out
 
 
+@needs_triton
 @pytest.mark.parametrize(PARAMS, CASES)
 def test_triton_matches_float64_reference(batch, dim, N, L, groups, has_D, has_z, has_bias, softplus, last, blocks):
-    if DEVICE == "cpu" and not dispatch.interpreting():
-        pytest.skip("no CUDA and TRITON_INTERPRET is off, so the Triton kernels cannot run here")
     check_against_reference(
         scan_triton, torch.float32, batch, dim, N, L, groups, has_D, has_z, has_bias, softplus, last, blocks=blocks
     )
 
 
+@needs_triton
 def test_triton_computes_in_float64_for_float64_inputs():
-    if DEVICE == "cpu" and not dispatch.interpreting():
-        pytest.skip("no CUDA and TRITON_INTERPRET is off, so the Triton kernels cannot run here")
     check_against_reference(
         scan_triton, torch.float64, 2, 6, 3, 37, 2, True, True, True, True, True, blocks=(16, 2)
     )
 
 
+@needs_triton
 def test_public_entry_runs_triton_with_and_without_last_state():
-    if DEVICE == "cpu" and not dispatch.interpreting():
-        pytest.skip("no CUDA and TRITON_INTERPRET is off, so the Triton kernels cannot run here")
     inputs = {k: v.to(DEVICE, torch.float32) for k, v in make_inputs(3, 1, 4, 2, 5, None, True, True, True).items()}
     ref_out, ref_state = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend="reference")
     out, state = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend="triton")

@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import DEVICE, needs_triton, rel_rms
 
 from sokhan import SokhanError
-from sokhan.kernels import dispatch, selective_scan, selective_state_update
+from sokhan.kernels import selective_scan, selective_state_update
 from sokhan.kernels.selective_state_update import selective_state_update_ref
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL_FP32 = 1e-5  # float32 kernel against float64: observed ≤ 2e-7
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    diff = (actual.double() - expected.double()).pow(2).mean().sqrt()
-    return (diff / expected.double().pow(2).mean().sqrt()).item()
 
 
 def make_inputs(seed, batch, dim, N, groups, has_D, has_z, has_bias):
@@ -43,6 +38,7 @@ def make_inputs(seed, batch, dim, N, groups, has_D, has_z, has_bias):
     }
 
 
+@needs_triton
 @pytest.mark.parametrize(
     "batch, dim, N, groups, has_D, has_z, has_bias, softplus, block_d",
     [
@@ -52,8 +48,6 @@ def make_inputs(seed, batch, dim, N, groups, has_D, has_z, has_bias):
     ],
 )
 def test_triton_matches_float64_reference(batch, dim, N, groups, has_D, has_z, has_bias, softplus, block_d):
-    if DEVICE == "cpu" and not dispatch.interpreting():
-        pytest.skip("no CUDA and TRITON_INTERPRET is off, so the Triton kernels cannot run here")
     from sokhan.kernels.selective_state_update.triton import selective_state_update_fwd
 
     inputs = make_inputs(batch * 100 + dim, batch, dim, N, groups, has_D, has_z, has_bias)
@@ -68,11 +62,9 @@ def test_triton_matches_float64_reference(batch, dim, N, groups, has_D, has_z, h
         assert rel_rms(selective_state_update(**f32, dt_softplus=softplus, backend="triton"), ref) <= TOL_FP32
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
 def test_steps_reproduce_the_scan(backend):
     """Stepping through a sequence gives the scan's outputs and its last state (the decode contract)."""
-    if backend == "triton" and DEVICE == "cpu" and not dispatch.interpreting():
-        pytest.skip("no CUDA and TRITON_INTERPRET is off, so the Triton kernels cannot run here")
     batch, dim, N, L = 2, 6, 4, 5
     g = torch.Generator().manual_seed(5)
     u, delta, z = (torch.randn(batch, dim, L, generator=g, dtype=torch.float64) for _ in range(3))
@@ -99,9 +91,8 @@ def test_steps_reproduce_the_scan(backend):
     assert rel_rms(state, last) <= tol
 
 
+@needs_triton
 def test_triton_refuses_tensors_that_need_grad():
-    if DEVICE == "cpu" and not dispatch.interpreting():
-        pytest.skip("no CUDA and TRITON_INTERPRET is off, so the Triton kernels cannot run here")
     inputs = make_inputs(0, 1, 4, 2, None, True, True, True)
     inputs = {k: v.float() if v is not None else None for k, v in inputs.items()}
     inputs["x"].requires_grad_()
