@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                      # contexts 16..4096, 1 thread, CPU
     python benchmarks/decode.py --contexts 16 64 256 --threads 2
+    python benchmarks/decode.py --prefill-only       # Mamba prompt consumption only (prompts 64, 256, 1024)
 
 Five ways to produce the next token at batch 1 after ``context`` tokens, with untrained ``tiny`` preset models
 (vocabulary 8000, as the default tokenizer):
@@ -12,6 +13,10 @@ Five ways to produce the next token at batch 1 after ``context`` tokens, with un
 - ``transformer_eager``: PyTorch ``Transformer.step`` on its preallocated KV cache at position ``context``;
 - ``transformer_nocache_onnx`` / ``_eager``: no cache, the whole ``context + 1`` tokens recomputed for one token
   (the prefill graph / ``forward``): the quadratic cost a cache avoids.
+
+And the time to consume a prompt of ``--prompts`` tokens from an empty state with the exported Mamba: one call of
+``prefill.onnx`` (parallel over the prompt, one ONNX ``Scan`` per layer for the recurrence) against ``decoder.onnx``
+token by token, both the runtime's IOBinding path, batch 1 (written to ``benchmarks/out/prefill.json``).
 
 The state's values do not change the work of these dense ops, so each measurement starts from a random state of
 the right shape (a cache of ``context`` entries) instead of decoding ``context`` tokens first. Each figure is the
@@ -31,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sokhan.export.onnx import export_decoder, export_prefill, state_layout
+from sokhan.export.onnx import export_decoder, state_layout
+from sokhan.export.prefill import export_prefill
 from sokhan.export.runtime import StepGraph, open_session, state_specs
 from sokhan.pipeline.models import ModelConfig, build
 from sokhan.pipeline.stage import write_json
@@ -72,6 +78,32 @@ def bench_mamba(cfg: ModelConfig, model, graph: StepGraph, contexts: list[int], 
         ids = torch.tensor([7])
         with torch.no_grad():
             out["mamba_eager"][c] = median_ms(lambda: model.step(ids, tstate), reps)
+    return out
+
+
+def bench_mamba_prefill(prefill, graph: StepGraph, prompts: list[int], reps: int, rng) -> dict:
+    """ms to consume a prompt of T tokens from an empty state: prefill.onnx in one call vs decoder.onnx per token."""
+    out: dict[str, dict[int, float]] = {"mamba_prefill_onnx": {}, "mamba_stepped_onnx": {}}
+    outputs = [o.name for o in prefill.get_outputs()]
+
+    def one_call(ids: np.ndarray) -> None:  # as Decoder._prefill_graph: logits to the host, the state on the device
+        io = prefill.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_output("logits", "cpu")
+        for name in outputs[1:]:
+            io.bind_output(name, graph.device, 0)
+        prefill.run_with_iobinding(io)
+        io.get_outputs()
+
+    def stepped(ids: np.ndarray) -> None:
+        state = graph.init_state(1)
+        for token in ids[0]:
+            _, state = graph.step(token[None], state)
+
+    for t in prompts:
+        ids = rng.integers(0, VOCAB, size=(1, t))
+        out["mamba_prefill_onnx"][t] = median_ms(lambda: one_call(ids), reps_for(t, reps, quadratic=False), warmup=1)
+        out["mamba_stepped_onnx"][t] = median_ms(lambda: stepped(ids), max(3, reps // (1 + t // 64)), warmup=1)
     return out
 
 
@@ -133,6 +165,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[16, 64, 256, 1024, 2048, 4096])
+    p.add_argument("--prompts", type=int, nargs="+", default=[64, 256, 1024], help="Mamba prefill: prompt lengths")
+    p.add_argument("--prefill-only", action="store_true", help="only the Mamba prefill measurement (prefill.json)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--preset", default="tiny", choices=("tiny", "small", "base"))
@@ -141,9 +175,10 @@ def main() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     results: dict[str, dict[int, float]] = {}
+    prefill_results: dict[str, dict[int, float]] = {}
     sizes = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in ("mamba", "transformer"):
+        for arch in ("mamba",) if args.prefill_only else ("mamba", "transformer"):
             cfg = ModelConfig(arch=arch, preset=args.preset, max_seq_len=max(args.contexts) + 8).resolve(VOCAB)
             model = build(cfg).eval()
             sizes[arch] = {"params": sum(p.numel() for p in model.parameters()), "d_model": cfg.d_model, "n_layers": cfg.n_layers}
@@ -151,40 +186,53 @@ def main() -> None:
             export_decoder(model, cfg, path)
             specs = state_specs({"state": state_layout(cfg)})
             graph = StepGraph(open_session(path, "cpu", args.threads), specs, arch == "transformer")
+            export_prefill(model, cfg, Path(tmp) / f"{arch}.prefill.onnx")
+            prefill = open_session(Path(tmp) / f"{arch}.prefill.onnx", "cpu", args.threads)
             if arch == "mamba":
-                results |= bench_mamba(cfg, model, graph, args.contexts, args.reps, rng)
+                prefill_results = bench_mamba_prefill(prefill, graph, args.prompts, args.reps, rng)
+                if not args.prefill_only:
+                    results |= bench_mamba(cfg, model, graph, args.contexts, args.reps, rng)
             else:
-                export_prefill(model, cfg, Path(tmp) / "prefill.onnx")
-                prefill = open_session(Path(tmp) / "prefill.onnx", "cpu", args.threads)
                 results |= bench_transformer(cfg, model, graph, prefill, args.contexts, args.reps, rng)
 
-    cs = args.contexts
-    summary = {}
-    if 64 in cs and 2048 in cs:
-        summary["mamba_onnx_2048_over_64"] = results["mamba_onnx"][2048] / results["mamba_onnx"][64]
-    for arch in ("mamba", "transformer"):
-        summary[f"{arch}_onnx_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx"][c] for c in cs}
-    report = {
-        "device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} thread(s)",
-        "onnxruntime": __import__("onnxruntime").__version__,
-        "torch": torch.__version__,
-        "preset": args.preset, "vocab_size": VOCAB, "models": sizes, "batch": 1,
-        "ms_per_token": {k: {str(c): round(v, 4) for c, v in s.items()} for k, s in results.items()},
-        "summary": summary,
-    }
+    device = f"CPU ({platform.processor() or platform.machine()}), {args.threads} thread(s)"
+    common = {"device": device, "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
+              "preset": args.preset, "vocab_size": VOCAB, "models": sizes, "batch": 1}
     OUT.mkdir(parents=True, exist_ok=True)
-    write_json(OUT / "decode.json", report)
-    plot(results, OUT / "decode.png")
+    if results:
+        cs = args.contexts
+        summary = {}
+        if 64 in cs and 2048 in cs:
+            summary["mamba_onnx_2048_over_64"] = results["mamba_onnx"][2048] / results["mamba_onnx"][64]
+        for arch in ("mamba", "transformer"):
+            summary[f"{arch}_onnx_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx"][c] for c in cs}
+        report = common | {"ms_per_token": {k: {str(c): round(v, 4) for c, v in s.items()} for k, s in results.items()},
+                           "summary": summary}
+        write_json(OUT / "decode.json", report)
+        plot(results, OUT / "decode.png")
 
-    names = list(results)
-    print(f"Per-token decode latency (ms), batch 1, {report['device']}, {args.preset} models, vocab {VOCAB}\n")
-    print("| context | " + " | ".join(names) + " |")
-    print("|---:|" + "---:|" * len(names))
-    for c in cs:
-        print(f"| {c} | " + " | ".join(f"{results[n][c]:.3f}" for n in names) + " |")
-    print()
-    for k, v in summary.items():
-        print(f"- {k}: " + (f"{v:.2f}" if isinstance(v, float) else ", ".join(f"{c}: {x:.1f}x" for c, x in v.items())))
+        names = list(results)
+        print(f"Per-token decode latency (ms), batch 1, {device}, {args.preset} models, vocab {VOCAB}\n")
+        print("| context | " + " | ".join(names) + " |")
+        print("|---:|" + "---:|" * len(names))
+        for c in cs:
+            print(f"| {c} | " + " | ".join(f"{results[n][c]:.3f}" for n in names) + " |")
+        print()
+        for k, v in summary.items():
+            print(f"- {k}: " + (f"{v:.2f}" if isinstance(v, float) else ", ".join(f"{c}: {x:.1f}x" for c, x in v.items())))
+        print()
+
+    fused, stepped = prefill_results["mamba_prefill_onnx"], prefill_results["mamba_stepped_onnx"]
+    speedup = {t: stepped[t] / fused[t] for t in args.prompts}
+    write_json(OUT / "prefill.json", common | {
+        "ms_per_prompt": {k: {str(t): round(v, 3) for t, v in s.items()} for k, s in prefill_results.items()},
+        "prefill_speedup_over_stepping": {str(t): round(x, 2) for t, x in speedup.items()},
+    })
+    print(f"Mamba prompt consumption (ms per prompt), batch 1, {device}, {args.preset} model, vocab {VOCAB}\n")
+    print("| prompt tokens | prefill.onnx (one call) | decoder.onnx token by token | speedup |")
+    print("|---:|---:|---:|---:|")
+    for t in args.prompts:
+        print(f"| {t} | {fused[t]:.2f} | {stepped[t]:.2f} | {speedup[t]:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Export the one-token decode step (and optionally a whole-prompt prefill) of a sokhan model to ONNX.
+"""Export the one-token decode step of a sokhan model to ONNX (the whole-prompt prefill: ``sokhan.export.prefill``).
 
 The graph is the model's ``step`` with the state flattened into named inputs and outputs, in the names
 onnxruntime-genai and optimum use:
@@ -33,7 +33,6 @@ from sokhan.pipeline.models.config import ModelConfig
 
 EXAMPLE_BATCH = 2
 EXAMPLE_PAST = 3
-EXAMPLE_PROMPT = 5
 METADATA_KEY = "sokhan.config"
 
 
@@ -107,45 +106,27 @@ def export_decoder(model: nn.Module, cfg: ModelConfig, path: Path, opset: int = 
         args = (ids, torch.full((EXAMPLE_BATCH, 1), EXAMPLE_PAST), state)
         dynamic = {"input_ids": {0: batch}, "position_ids": {0: batch}, "past": [{0: batch, 2: past} for _ in layout]}
         names_in.insert(1, "position_ids")
-    _export(wrapper.eval(), args, dynamic, names_in, names_out, path, opset)
+    export_graph(wrapper.eval(), args, dynamic, names_in, names_out, path, opset)
 
 
-def export_prefill(model: nn.Module, cfg: ModelConfig, path: Path, opset: int = 18) -> None:
-    """Write a transformer graph that consumes a whole prompt from an empty state.
+def _softplus(x, beta: float = 1.0, threshold: float = 20.0):
+    """aten.softplus as one ONNX ``Softplus`` (Δ's activation in every Mamba layer).
 
-    input_ids, position_ids (B, T) -> last logits (B, V) and ``present.{i}.key/.value`` (B, nh, T, hs), which the
-    step graph takes as its past. Mamba has none: its reference scan is a Python loop over the sequence, which
-    tracing unrolls into a graph for one prompt length only; Mamba bundles run the prompt through the step graph.
+    The exporter's own translation adds ``Where(x > threshold, x, …)`` for torch's linear tail, two more nodes per
+    layer in a graph whose cost at batch 1 is mostly per-node overhead. ONNX Runtime's Softplus is computed stably
+    (x + log1p(exp(-x)) for x > 0), and above the threshold of 20 it equals x in float32 and float16 alike.
     """
-    from torch.export import Dim
+    from onnxscript import opset18 as op
 
-    if cfg.arch != "transformer":
-        raise SokhanError(
-            "export.prefill = true: only the transformer has a prefill graph (Mamba's scan unrolls over the prompt "
-            "length when traced); set export.prefill = false for Mamba"
-        )
-    layout = state_layout(cfg)
-    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=cfg.max_seq_len)
-    ids = torch.randint(0, cfg.vocab_size, (EXAMPLE_BATCH, EXAMPLE_PROMPT))
-    positions = torch.arange(EXAMPLE_PROMPT).expand(EXAMPLE_BATCH, -1).contiguous()
-    dynamic = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
-    names_out = ["logits"] + [s["output"] for s in layout]
-    _export(TransformerPrefill(model, cfg).eval(), (ids, positions), dynamic, ["input_ids", "position_ids"], names_out, path, opset)
+    if beta != 1.0:
+        scaled = op.Mul(x, op.CastLike(beta, x))
+        return op.Where(op.Greater(scaled, op.CastLike(threshold, x)), x, op.Div(op.Softplus(scaled), op.CastLike(beta, x)))
+    return op.Softplus(x)
 
 
-class TransformerPrefill(nn.Module):
-    def __init__(self, model: nn.Module, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.model = model
-        self.n_layers, self.n_heads, self.head_dim = cfg.n_layers, cfg.n_heads, cfg.d_model // cfg.n_heads
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        empty = input_ids.new_zeros((input_ids.shape[0], self.n_heads, 0, self.head_dim), dtype=torch.float32)
-        logits, present = self.model.forward_with_past(input_ids, position_ids, [(empty, empty)] * self.n_layers)
-        return (logits[:, -1], *[t for kv in present for t in kv])
-
-
-def _export(wrapper: nn.Module, args: tuple, dynamic: dict, names_in: list[str], names_out: list[str], path: Path, opset: int) -> None:
+def export_graph(wrapper: nn.Module, args: tuple, dynamic: dict, names_in: list[str], names_out: list[str], path: Path, opset: int) -> None:
+    """Trace ``wrapper(*args)`` on the reference kernels to ONNX at ``path`` (weights inside, through a temporary
+    file), with the ``dynamic`` axes checked to have come out dynamic."""
     import onnx
 
     from sokhan.kernels import dispatch
@@ -162,6 +143,7 @@ def _export(wrapper: nn.Module, args: tuple, dynamic: dict, names_in: list[str],
             torch.onnx.export(
                 wrapper, args, str(tmp), input_names=names_in, output_names=names_out, opset_version=opset,
                 dynamo=True, dynamic_shapes=dynamic, external_data=False,
+                custom_translation_table={torch.ops.aten.softplus.default: _softplus},
             )
     finally:
         log.setLevel(level)

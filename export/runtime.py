@@ -260,7 +260,8 @@ class Decoder:
         tokens = np.tile(np.asarray(ids, dtype=np.int64), (batch_size, 1))  # (B, T)
         io = self.prefill_session.io_binding()
         io.bind_cpu_input("input_ids", tokens)
-        io.bind_cpu_input("position_ids", np.tile(np.arange(len(ids), dtype=np.int64), (batch_size, 1)))
+        if self.config["uses_position_ids"]:  # the transformer's; Mamba's prefill takes the tokens alone
+            io.bind_cpu_input("position_ids", np.tile(np.arange(len(ids), dtype=np.int64), (batch_size, 1)))
         io.bind_output("logits", "cpu")
         for spec in self.specs:
             io.bind_output(spec.output, self.device, 0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sokhan import CheckFailed, SokhanError
-from sokhan.export.onnx import METADATA_KEY, export_prefill
+from sokhan.export.onnx import METADATA_KEY
 from sokhan.export.runtime import open_session
 from sokhan.pipeline.stage import run_stage
 from sokhan.pipeline.train.checkpoint import load_model
@@ -126,12 +126,6 @@ def test_transformer_prefill_graph_matches_stepping():
         logits, state = model.prefill(ids)
     np.testing.assert_allclose(out[0], logits[:, -1].numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(out[1], state.keys[0][:, :, :9].numpy(), atol=1e-5, rtol=0)
-
-
-def test_mamba_prefill_is_refused_with_a_reason():
-    model, mcfg = load_model(tiny_run("mamba") / "train")
-    with pytest.raises(SokhanError, match="export.prefill"):
-        export_prefill(model, mcfg, tiny_run("mamba") / "never.onnx")
 
 
 def test_parity_json_records_the_check(arch):

@@ -25,6 +25,7 @@ def rms_norm_ref(
     h = x if residual is None else (x + residual).to(residual.dtype)
     # Half-precision inputs are normalized in float32, as the kernel does; float64 stays float64.
     hf = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
-    rstd = torch.rsqrt(hf.square().mean(dim=-1, keepdim=True) + eps)
-    out = (hf * rstd * weight).to(dtype)
+    # Written as a division by sqrt (not a product with rsqrt): the form ONNX Runtime fuses into one
+    # (Skip)SimplifiedLayerNormalization node when the exported graph loads.
+    out = (hf / torch.sqrt(hf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight).to(dtype)
     return (out, h) if prenorm else out

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 
 def expand_groups(M: torch.Tensor, dim: int) -> torch.Tensor:
-    """(Bt, N) or grouped (Bt, G, N) -> (Bt, dim, N); channel d reads group d // (dim // G)."""
+    """(Bt, N) -> (Bt, 1, N), which broadcasts over channels; grouped (Bt, G, N) -> (Bt, dim, N), channel d
+    reading group d // (dim // G). Broadcasting instead of ``expand`` keeps the traced ONNX graph an op shorter."""
     if M.dim() == 2:
-        return M.unsqueeze(1).expand(-1, dim, -1)
+        return M.unsqueeze(1)
     return M.repeat_interleave(dim // M.shape[1], dim=1)
 
 
@@ -48,7 +49,12 @@ def selective_state_update_ref(
     dBx = (dt * xf)[:, :, None] * expand_groups(B.to(dtype), dim)  # (Bt, D, N)
     new_state = state.to(dtype) * dA + dBx  # (Bt, D, N)
     state.copy_(new_state)
-    out = torch.einsum("bdn,bdn->bd", new_state, expand_groups(C.to(dtype), dim))  # (Bt, D)
+    # C · state as a batched matrix-vector product: one MatMul in ONNX, where an einsum is ORT's slow generic op.
+    C = C.to(dtype)
+    if C.dim() == 2:
+        out = torch.matmul(new_state, C.unsqueeze(-1)).squeeze(-1)  # (Bt, D, N) @ (Bt, N, 1) -> (Bt, D)
+    else:
+        out = (new_state * expand_groups(C, dim)).sum(-1)  # (Bt, D)
     if D is not None:
         out = out + xf * D.to(dtype)
     if z is not None:

@@ -70,7 +70,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._project(x, cos, sin)
         k = torch.cat((past[0], k), dim=2)  # (B, nh, P + T, hs)
         v = torch.cat((past[1], v), dim=2)  # (B, nh, P + T, hs)
-        return self._attend(q, k, v, mask), (k, v)
+        # Attention written out rather than through SDPA: the exporter lowers SDPA to 3-D matmuls behind a
+        # transpose that copies the whole key cache at every step; as 4-D q @ kᵀ ONNX Runtime fuses the transpose
+        # into the matmul (FusedMatMul, transB) and reads the cache in place. Every query sees at least its own
+        # key, so no row is fully masked and the softmax needs none of SDPA's NaN guarding.
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, P + T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return self._output(torch.matmul(scores.softmax(dim=-1), v)), (k, v)
 
     def forward_cached(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KV, position: int, mask: torch.Tensor

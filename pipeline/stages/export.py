@@ -2,7 +2,7 @@
 
 Writes ``RUN/export/bundle/``: ``decoder.onnx`` (weights inside, config in its metadata), ``tokenizer.json`` and
 ``segmenter.json`` (copied from ``RUN/tokenize``), ``config.json`` (what the torch-free runtime needs),
-``parity.json`` and ``README.md``; with ``export.prefill`` also ``prefill.onnx`` (transformer), with
+``parity.json`` and ``README.md``; with ``export.prefill`` also ``prefill.onnx`` (the whole prompt in one call), with
 ``export.precision = "fp16"`` / ``export.quantize = "int8"`` also ``decoder.fp16.onnx`` / ``decoder.int8.onnx``.
 
 Parity runs on every export: a held-out line per language from ``RUN/tokenize/val/<lang>.txt`` as the prompt, then
@@ -34,7 +34,7 @@ class ExportConfig:
     opset: int = 18
     """ONNX opset of the graphs (the dynamo exporter's own is 18)."""
     prefill: bool = False
-    """Also export ``prefill.onnx``, the whole prompt in one call (transformer only)."""
+    """Also export ``prefill.onnx``: the whole prompt in one call, from an empty state to the step graph's state."""
     precision: Literal["fp32", "fp16"] = "fp32"
     """``fp16``: also ``decoder.fp16.onnx`` (float16 weights and arithmetic, float32 inputs and outputs)."""
     quantize: Literal["none", "int8"] = "none"
@@ -74,7 +74,7 @@ class _SetConfig(argparse.Action):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", nargs=0, action=_SetConfig, const="prefill",
-                        help="also export prefill.onnx (whole prompt in one call; transformer only) = --set export.prefill=true")
+                        help="also export prefill.onnx (the whole prompt in one call) = --set export.prefill=true")
     parser.add_argument("--precision", choices=("fp32", "fp16"), action=_SetConfig, const="precision",
                         help="fp16: also export decoder.fp16.onnx, checked by top-1 agreement with fp32")
     parser.add_argument("--quantize", choices=("none", "int8"), action=_SetConfig, const="quantize",
@@ -143,7 +143,7 @@ def run(ctx) -> dict:
     import torch
 
     from sokhan.export import onnx as onnx_export
-    from sokhan.export import parity, quantize
+    from sokhan.export import parity, prefill, quantize
     from sokhan.export.runtime import CONFIG, DECODER, SEGMENTER, TOKENIZER, Decoder
     from sokhan.pipeline.stage import atomic_write, log, write_json
     from sokhan.pipeline.train.checkpoint import load_model
@@ -165,7 +165,8 @@ def run(ctx) -> dict:
     log(f"export: tracing the {mcfg.arch} step (opset {cfg.opset})")
     onnx_export.export_decoder(model, mcfg, bundle / DECODER, cfg.opset)
     if cfg.prefill:
-        onnx_export.export_prefill(model, mcfg, bundle / "prefill.onnx", cfg.opset)
+        log("export: tracing the prefill" + (" (scan over the prompt)" if mcfg.arch == "mamba" else ""))
+        prefill.export_prefill(model, mcfg, bundle / "prefill.onnx", cfg.opset)
     config = onnx_export.bundle_config(mcfg, tokenizer.special_tokens, cfg.opset, cfg.prefill)
     for graph in [DECODER] + (["prefill.onnx"] if cfg.prefill else []):
         onnx_export.write_metadata(bundle / graph, config)
@@ -218,7 +219,8 @@ def run(ctx) -> dict:
     extra = "".join(f"| `{f}` | {n} variant of the step (top-1 agreement with fp32: {report['variants'][n]['top1_agreement']:.1%}) |\n"
                     for n, f in config["variants"].items())
     if cfg.prefill:
-        extra = "| `prefill.onnx` | the whole prompt in one call: `input_ids`, `position_ids` (batch, T) -> last logits and the state |\n" + extra
+        ins = "`input_ids`, `position_ids`" if mcfg.arch == "transformer" else "`input_ids`"
+        extra = f"| `prefill.onnx` | the whole prompt in one call from an empty state: {ins} (batch, T) -> last logits and the `present.*` state |\n" + extra
     transformer = mcfg.arch == "transformer"
     atomic_write(bundle / "README.md", README.format(
         arch=mcfg.arch, version=config["sokhan_version"], vocab=mcfg.vocab_size, extra=extra,
