@@ -9,16 +9,19 @@ with its piece cache per line from empty, in one batch from empty, per line once
 path with 2 worker processes (pre-tokenization in the workers, then the model); the machine's load average is
 printed with it, since wall-clock figures on a shared machine mean little.
 
-Compression: our tokenizer (byte-level BPE on the tokenize stage's pre-tokenization, trained by its code) with
-Chinese as jieba's words (the default) and as word-character runs (``tokenize.zh_pretokenize = "runs"``), against
-a SentencePiece unigram model (``byte_fallback``, ``character_coverage=0.9995``, identity normalization since the
-text is normalized already) trained on the same training lines with the same vocabulary size; characters per
-token on the held-out lines (the tokenize stage's split), more is better, and our share of byte-fallback tokens
-(tokens that are not whole UTF-8 characters, as in the stage's report).
+Compression: our tokenizer with the tokenize stage's defaults (``TokenizeConfig()``: pruned byte-level BPE,
+language weights, trained by the stage's code on its pre-tokenization, Chinese as jieba's words) against a
+SentencePiece unigram model (``byte_fallback``, ``character_coverage=0.9995``, identity normalization since the
+text is normalized already) trained on the same training lines (unweighted) with the same vocabulary size;
+characters per token on the held-out lines (the tokenize stage's split), more is better, and our share of
+byte-fallback tokens (tokens that are not whole UTF-8 characters, as in the stage's report). Ablations: plain BPE
+(the previous default) and pruned BPE, each with weights 1 and with the default weights, and the default with
+Chinese as word-character runs (``tokenize.zh_pretokenize = "runs"``); for each, how many vocabulary tokens are
+Persian (Arabic script), Han, Latin, or partial UTF-8 sequences.
 
     python benchmarks/frontend.py [--vocab-size 8000] [--corpora ../shared/corpora]
 
-Writes benchmarks/out/frontend.json and prints a markdown table.
+Writes benchmarks/out/frontend.json and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -43,6 +46,43 @@ def _cpu(fn):
     return out, time.process_time() - c, time.perf_counter() - w
 
 
+def _weights(weights: dict[str, float]) -> str:
+    return "weights " + ", ".join(f"{lang} {w:g}" for lang, w in weights.items())
+
+
+def _kind(text: str) -> str:
+    """The script of a token's text: Arabic (Persian), Han, Latin, or other (digits, punctuation, spaces)."""
+    for c in text:
+        if "\u0600" <= c <= "\u06ff" or "\ufb50" <= c <= "\ufeff":
+            return "Arabic"
+        if "\u3400" <= c <= "\u9fff" or "\uf900" <= c <= "\ufaff":
+            return "Han"
+    return "Latin" if any(c.isascii() and c.isalpha() for c in text) else "other"
+
+
+def vocabulary_shares(tok) -> dict[str, int]:
+    """How many of ``tok``'s tokens are of each script; ``partial UTF-8``: several bytes that are no whole character."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    specials = set(tok.special_tokens.values())
+    for i in range(tok.vocab_size):
+        raw = tok.id_to_bytes(i)
+        if i in specials or len(raw) == 1:
+            continue  # the same in every tokenizer: specials and the byte alphabet
+        try:
+            counts[_kind(raw.decode("utf-8"))] += 1
+        except UnicodeDecodeError:
+            counts["partial UTF-8"] += 1
+    return dict(counts)
+
+
+def sentencepiece_shares(sp) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(Counter(_kind(sp.id_to_piece(i)) for i in range(sp.get_piece_size()) if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpora", type=Path, default=REPO.parent / "shared" / "corpora")
@@ -52,7 +92,7 @@ def main() -> None:
 
     import sentencepiece as spm
 
-    from sokhan.pipeline.stages.tokenize import _fallback_table, segment_lines, split_indices
+    from sokhan.pipeline.stages.tokenize import TokenizeConfig, _fallback_table, segment_lines, split_indices, weighted_lines
     from sokhan.tokenization import SegmenterConfig, Tokenizer, normalize, pretokenize
     from sokhan.tokenization.corpus import read_lines, source_files
     from sokhan.tokenization.segment import preload
@@ -76,15 +116,28 @@ def main() -> None:
                        "normalize_segment_MBps": mb / (c_norm + c_seg * mb / mb_norm)}
 
     split = {lang: set(split_indices(len(norm[lang]), args.val_fraction, 0, lang)) for lang in LANGS}
-    train_pieces = [p for lang in LANGS for i, p in enumerate(pieces[lang]) if i not in split[lang]]
-    tok, c_train, w_train = _cpu(lambda: Tokenizer.train(iter(train_pieces), args.vocab_size))
-    # The same with word-character runs as the Chinese pieces (tokens may span words).
+    default = TokenizeConfig()
     runs_cfg = SegmenterConfig(zh_pretokenize="runs")
     runs_pieces = {lang: pieces[lang] if lang != "zh" else [pretokenize(t, lang, runs_cfg) for t in norm[lang]] for lang in LANGS}
-    runs_tok = Tokenizer.train(
-        iter([p for lang in LANGS for i, p in enumerate(runs_pieces[lang]) if i not in split[lang]]), args.vocab_size,
-        segmenter=runs_cfg,
-    )
+
+    def train(model: str, weights: dict[str, float], by_lang=pieces, segmenter=SegmenterConfig()):
+        """A tokenizer trained as the tokenize stage does it: training lines only, each language repeated by its weight."""
+        lines = [
+            p for lang in LANGS
+            for p in weighted_lines([x for i, x in enumerate(by_lang[lang]) if i not in split[lang]], weights.get(lang, 1.0))
+        ]
+        return Tokenizer.train(iter(lines), args.vocab_size, model=model, min_frequency=default.min_frequency, segmenter=segmenter)
+
+    tok, c_train, w_train = _cpu(lambda: train(default.model, default.lang_weights))
+    # Ablations: the model and the language weights one at a time (the first row is the previous default), and
+    # the default with word-character runs as the Chinese pieces (tokens may then span jieba's words).
+    variants = {
+        "bpe, weights 1": train("bpe", {}),
+        f"bpe, {_weights(default.lang_weights)}": train("bpe", default.lang_weights),
+        "pruned-bpe, weights 1": train("pruned-bpe", {}),
+        f"pruned-bpe, {_weights(default.lang_weights)} (default)": tok,
+        "default, zh as word-character runs": train(default.model, default.lang_weights, runs_pieces, runs_cfg),
+    }
 
     for lang in LANGS:
         mb_norm = sum(len(t.encode()) for t in norm[lang]) / 1e6
@@ -117,15 +170,20 @@ def main() -> None:
         sp = spm.SentencePieceProcessor(model_file=f"{tmp}/sp.model")
         fallback = _fallback_table(tok)
         for lang in LANGS:
-            val = [norm[lang][i] for i in sorted(split[lang])]
+            held = sorted(split[lang])
+            val = [norm[lang][i] for i in held]
             chars = sum(map(len, val))
-            ids = [t for line in tok.encode_pieces([pieces[lang][i] for i in sorted(split[lang])]) for t in line]
-            ours_runs = sum(len(x) for x in runs_tok.encode_pieces([runs_pieces[lang][i] for i in sorted(split[lang])]))
+            ids = [t for line in tok.encode_pieces([pieces[lang][i] for i in held]) for t in line]
             theirs = sum(len(x) for x in sp.encode(val))
             compression[lang] = {"val_lines": len(val), "val_chars": chars, "ours_chars_per_token": chars / len(ids),
-                                 "ours_zh_runs_chars_per_token": chars / ours_runs,
                                  "sentencepiece_chars_per_token": chars / theirs, "ratio": theirs / len(ids),
                                  "ours_byte_fallback_share": float(fallback[ids].mean())}
+            for name, t in variants.items():
+                by_lang = runs_pieces if t.segmenter.zh_pretokenize == "runs" else pieces
+                n = sum(len(x) for x in t.encode_pieces([by_lang[lang][i] for i in held]))
+                compression[lang].setdefault("variants_chars_per_token", {})[name] = chars / n
+    shares = {name: vocabulary_shares(t) for name, t in variants.items()}
+    shares["SentencePiece unigram"] = sentencepiece_shares(sp)
 
     result = {
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg()},
@@ -133,6 +191,7 @@ def main() -> None:
         "throughput_MB_per_cpu_second": speed,
         "train_seconds": {"ours_cpu": c_train, "ours_wall": w_train, "sentencepiece_cpu": c_sp, "sentencepiece_wall": w_sp},
         "compression": compression,
+        "vocabulary_shares": shares,
     }
     out = REPO / "benchmarks" / "out" / "frontend.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,12 +208,19 @@ def main() -> None:
                 "encode_batch_MBps", "encode_warm_MBps", "tokenizer_encode_MBps", "segment_encode_2proc_wall_MBps")
         print(f"| {lang} | {s['MB_raw']:.2f} | " + " | ".join(f"{s[c]:.2f}" for c in cols) + " |")
     print(f"\nCharacters per token on held-out lines, vocabulary {args.vocab_size} (higher is better)\n")
-    print("| lang | held-out lines | ours (default) | ours, zh as word-character runs | SentencePiece unigram "
-          "| SP tokens / our tokens | our byte-fallback share |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| lang | held-out lines | ours (default) | SentencePiece unigram | SP tokens / our tokens | our byte-fallback share |")
+    print("|---|---:|---:|---:|---:|---:|")
     for lang, c in compression.items():
-        print(f"| {lang} | {c['val_lines']} | {c['ours_chars_per_token']:.3f} | {c['ours_zh_runs_chars_per_token']:.3f} "
-              f"| {c['sentencepiece_chars_per_token']:.3f} | {c['ratio']:.3f} | {c['ours_byte_fallback_share']:.4f} |")
+        print(f"| {lang} | {c['val_lines']} | {c['ours_chars_per_token']:.3f} | {c['sentencepiece_chars_per_token']:.3f} "
+              f"| {c['ratio']:.3f} | {c['ours_byte_fallback_share']:.4f} |")
+    print("\nAblations: characters per token on the same held-out lines, and the vocabulary's tokens by script\n")
+    kinds = ("Arabic", "Han", "Latin", "partial UTF-8")
+    print("| tokenizer | " + " | ".join(LANGS) + " | " + " | ".join(f"{k} tokens" for k in kinds) + " |")
+    print("|---|" + "---:|" * (len(LANGS) + len(kinds)))
+    for name in [*variants, "SentencePiece unigram"]:
+        key = "sentencepiece_chars_per_token" if name == "SentencePiece unigram" else None
+        cpt = [compression[lang][key] if key else compression[lang]["variants_chars_per_token"][name] for lang in LANGS]
+        print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in cpt) + " | " + " | ".join(str(shares[name].get(k, 0)) for k in kinds) + " |")
     print(f"\n-> {out.relative_to(REPO)}", file=sys.stderr)
 
 

@@ -32,7 +32,7 @@ def tokenizer() -> Tokenizer:
 def make_tokenizer(lines: dict[str, list[str]], vocab_size: int = 320) -> Tokenizer:
     """A throwaway byte-level BPE trained in-process on ``lines`` (per language)."""
     pieces = [p for lang, ls in lines.items() for line in ls for p in segment(line, lang)]
-    return Tokenizer.train(iter([pieces * 3]), vocab_size=vocab_size, min_frequency=2, segmenter=SegmenterConfig())
+    return Tokenizer.train(iter([pieces * 3]), vocab_size=vocab_size, min_frequency=2, segmenter=SegmenterConfig(), model="bpe")
 
 
 class ConvLM(nn.Module):

@@ -1,4 +1,5 @@
-"""Tokenizer: lossless round trip, special tokens, files that plain HF tokenizers loads, BPE and Unigram."""
+"""Tokenizer: lossless round trip, special tokens, files that plain HF tokenizers loads; pruned BPE (the default),
+BPE and Unigram."""
 
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ def tok():
 def runs_tok():
     seg = SegmenterConfig(zh_pretokenize="runs")
     return Tokenizer.train(_pieces(seg), vocab_size=1000, segmenter=seg)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return Tokenizer.train(_pieces(), vocab_size=1000, model="bpe")
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +185,20 @@ def test_lossless_arbitrary_unicode(tok, text, lang):
 @given(text=any_text, lang=st.sampled_from(["fa", "zh", "en"]))
 def test_lossless_unigram(unigram, text, lang):
     assert unigram.decode(unigram.encode(text, lang)) == unigram.normalize(text, lang)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=any_text, lang=st.sampled_from(["fa", "zh", "en"]))
+def test_lossless_bpe(bpe, text, lang):
+    assert bpe.decode(bpe.encode(text, lang)) == bpe.normalize(text, lang)
+
+
+def test_models_file_kinds(tok, bpe, unigram):
+    """The default stores its pruned vocabulary as a Unigram model (no merges to replay); model="bpe" keeps HF's BPE."""
+    kinds = {name: json.loads(t.hf.to_str())["model"]["type"] for name, t in (("pruned", tok), ("bpe", bpe), ("unigram", unigram))}
+    assert kinds == {"pruned": "Unigram", "bpe": "BPE", "unigram": "Unigram"}
+    with pytest.raises(SokhanError, match="tokenize.model"):
+        Tokenizer.train(_pieces(), vocab_size=1000, model="wordpiece")
 
 
 def test_lossless_and_idempotent_on_every_real_line(tok, corpora_dir):

@@ -4,7 +4,7 @@
 - ``zh``: jieba's precise mode (``jieba.Tokenizer`` instance with its bundled dictionary). ``zh_hmm`` (default off)
   lets jieba's HMM glue characters missing from the dictionary into new words (names, transliterations); off, they
   stay single characters. Off is ~15 % faster (1.06 vs 0.88 MB/s on CMRC) and, with jieba's words as the model's
-  pieces, compresses the same: 1.184 vs 1.186 characters per token on held-out Chinese at 8k vocabulary.
+  pieces, compresses the same: 1.184 vs 1.186 characters per token on held-out Chinese at 8k vocabulary (plain BPE).
 - ``fa``: hazm's ``WordTokenizer`` (``join_verb_parts=False``: joining verb parts would rewrite spaces as ``_``).
   Words keep their inner ZWNJ (``کتاب‌ها`` is one word). hazm may rewrite a token, so its tokens are only *located*
   in the original text; characters it changed or dropped stay in the output as pieces of their own.
@@ -16,11 +16,13 @@ of its own. Spans are computed against the original text and the pieces are slic
 ``segment`` gives *words* (what next-word prediction predicts); ``pretokenize`` gives the pieces the subword model
 sees: the same words by default. Under jieba's words a token never spans two words, so every word boundary is a
 token boundary and next-word prediction is well defined; the price is compression, since a token is never longer
-than a word (1.67 characters on average): at 8k vocabulary 1.186 characters per token on held-out Chinese against
-SentencePiece's 1.221 (which merges across words). ``zh_pretokenize = "runs"`` gives the model runs of word
-characters and runs of punctuation instead, as for English, and lets it learn its own units inside them: 1.226
-characters per token, but 7 % of jieba's word boundaries then fall inside a token. Character-level BPE with byte
-fallback under jieba reached only 1.190.
+than a word (1.67 characters on average). With the tokenize stage's defaults (pruned BPE, Chinese text weighted
+2, vocabulary 8000) held-out Chinese gets 1.234 characters per token against SentencePiece's 1.221 (which merges
+across words). ``zh_pretokenize = "runs"`` gives the model runs of word characters and runs of punctuation
+instead, as for English, and lets it learn its own units inside them: 1.288 characters per token (4 % fewer
+tokens), but 7 % of jieba's word boundaries then fall inside a token. Character-level BPE with byte fallback
+under jieba (weights 1) reached 1.180-1.190 on Chinese, no better than byte-level BPE's 1.185, and lost 1-2 % on
+Persian: its 256 fallback tokens and a character alphabet cost vocabulary that byte-level merges spend better.
 """
 
 from __future__ import annotations

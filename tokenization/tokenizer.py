@@ -1,16 +1,19 @@
 """The sokhan tokenizer: normalize, segment by language, then a byte-level subword model (HF ``tokenizers``).
 
 Files: ``tokenizer.json`` is a plain HF tokenizers file (``tokenizers.Tokenizer.from_file`` loads it unchanged):
-a BPE or Unigram model over GPT-2's byte alphabet, a ``ByteLevel`` pre-tokenizer without regex splitting and a
-``ByteLevel`` decoder. The language-aware pre-tokenization (hazm words for Persian, word-character runs or jieba
-words for Chinese: ``sokhan.tokenization.segment``) cannot live in that file, so it runs in Python before the model
-sees the text, and its settings, with the normalization options, are in ``segmenter.json`` beside it. A plain HF
+a Unigram or BPE model over GPT-2's byte alphabet, a ``ByteLevel`` pre-tokenizer without regex splitting and a
+``ByteLevel`` decoder. The default model, pruned BPE (``sokhan.tokenization.prune``), is stored as a Unigram model
+whose search finds the fewest tokens; ``model="bpe"`` stores HF's BPE with its merges. The language-aware
+pre-tokenization (hazm words for Persian, word-character runs or jieba words for Chinese:
+``sokhan.tokenization.segment``) cannot live in that file, so it runs in Python before the model sees the text,
+and its settings, with the normalization options, are in ``segmenter.json`` beside it. A plain HF
 ``encode(pieces, is_pretokenized=True)`` of our ``pretokenize`` pieces gives our ids. Decoding any ids, one alone
 included, never fails: bytes that are not (yet) whole UTF-8 characters come out as U+FFFD.
 
 Lossless by construction: the segmentation keeps every character, every byte is in the vocabulary (no unknown
 token), and special-token strings in user text are encoded as ordinary text (``encode_special_tokens``, set on
-load: the HF file does not store it), so ``decode(encode(t)) == normalize(t)`` for every ``t``.
+load: the HF file does not store it; and inside the model no merge makes a special token, no Unigram path takes
+one), so ``decode(encode(t)) == normalize(t)`` for every ``t``.
 """
 
 from __future__ import annotations
@@ -200,29 +203,40 @@ class Tokenizer:
     @classmethod
     def train(
         cls,
-        pieces: Iterator[list[str]],
+        pieces: Iterable[list[str]],
         vocab_size: int,
-        model: Literal["bpe", "unigram"] = "bpe",
+        model: Literal["pruned-bpe", "bpe", "unigram"] = "pruned-bpe",
         min_frequency: int = 2,
         normalization: dict | None = None,
         segmenter: SegmenterConfig = SegmenterConfig(),
         length: int | None = None,
     ) -> "Tokenizer":
-        """Train on ``pieces``: batches of pre-tokenized text (``pretokenize``; each piece one pre-token, merges stay
-        inside it).
+        """Train on ``pieces``: lines of pre-tokenized text (``pretokenize``; each piece one pre-token, tokens stay
+        inside it). A line that should count twice is simply given twice (``weighted_lines`` in the tokenize stage).
 
-        ``normalization``: the options of ``normalize`` the text was cleaned with (stored for ``encode``).
+        ``model``: ``pruned-bpe`` (byte-level BPE candidates pruned to ``vocab_size``, encoded into the fewest
+        tokens: ``sokhan.tokenization.prune``), ``bpe`` (HF byte-level BPE as trained, encoded by its merges) or
+        ``unigram`` (HF's Unigram trainer over the byte alphabet). ``normalization``: the options of ``normalize``
+        the text was cleaned with (stored for ``encode``).
         """
+        from collections import Counter
+
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
+        from sokhan.tokenization import prune
+
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-        if model == "bpe":
+        counts: Counter = Counter()
+        if model in ("bpe", "pruned-bpe"):
             hf = HFTokenizer(models.BPE())
+            size = vocab_size + (prune.extra_candidates(vocab_size) if model == "pruned-bpe" else 0)
             trainer = trainers.BpeTrainer(
-                vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+                vocab_size=size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
                 initial_alphabet=alphabet, show_progress=False,
             )
+            if model == "pruned-bpe":
+                pieces = _counting(pieces, counts)  # pruning measures token usage on the same pieces
         elif model == "unigram":
             hf = HFTokenizer(models.Unigram())
             trainer = trainers.UnigramTrainer(
@@ -230,12 +244,36 @@ class Tokenizer:
                 show_progress=False, max_piece_length=16,
             )
         else:
-            raise SokhanError(f"tokenize.model = {model!r} must be 'bpe' or 'unigram'")
+            raise SokhanError(f"tokenize.model = {model!r} must be 'pruned-bpe', 'bpe' or 'unigram'")
         # Each piece is one pre-token: no regex splitting, no prefix space; bytes map to GPT-2's printable alphabet.
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         hf.decoder = decoders.ByteLevel()
         hf.train_from_iterator(pieces, trainer=trainer, length=length)
+        if model != "bpe":
+            learned = hf.get_vocab(with_added_tokens=False)
+            candidates = [t for t, _ in sorted(learned.items(), key=lambda kv: kv[1]) if t not in SPECIAL_TOKENS]
+            if model == "pruned-bpe":
+                prune.prune(hf, candidates, set(alphabet), list(SPECIAL_TOKENS), counts, vocab_size)
+            else:
+                # HF's trainer scores the special tokens 0, above any real path: a piece spelling "<|eos|>" would
+                # become the special id and vanish on decode. Same tokens and scores, specials never chosen.
+                scores = _unigram_scores(hf)
+                hf.model = models.Unigram(
+                    [(t, prune.SPECIAL_SCORE) for t in SPECIAL_TOKENS] + [(t, scores[t]) for t in candidates], None, False
+                )
         return cls(hf, normalization or {"digits": "persian", "remove_diacritics": True}, segmenter)
+
+
+def _counting(pieces: Iterable[list[str]], counts: "Counter") -> Iterator[list[str]]:
+    """``pieces`` unchanged, counting every piece into ``counts`` on the way (one pass over a generator)."""
+    for line in pieces:
+        counts.update(line)
+        yield line
+
+
+def _unigram_scores(hf) -> dict[str, float]:
+    """token -> score of a trained HF Unigram model (read from its JSON, the only place HF exposes them)."""
+    return {t: s for t, s in json.loads(hf.to_str())["model"]["vocab"]}
 
 
 def _byte_table() -> dict[str, int]:
