@@ -154,6 +154,21 @@ def test_loss_gradient_reaches_every_parameter(cfg):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("arch", ["mamba", "transformer"])
+def test_dropout_acts_in_training_only(arch):
+    """dropout adds no weights; in eval mode the model is the dropout-free one, in training it perturbs the logits."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, d_model=32, n_layers=2, n_heads=2, dropout=0.3).resolve(64)
+    model = build(cfg)
+    plain = build(ModelConfig(arch=arch, d_model=32, n_layers=2, n_heads=2).resolve(64))
+    plain.load_state_dict(model.state_dict())  # strict: the same parameter names and shapes
+    ids = torch.randint(0, 64, (2, 12))
+    with dispatch.use("reference"), torch.no_grad():
+        assert torch.equal(model.eval()(ids), plain.eval()(ids))
+        model.train()
+        assert not torch.allclose(model(ids), model(ids))
+
+
 def test_causality_later_tokens_do_not_change_earlier_logits():
     for arch in ("transformer", "mamba"):
         torch.manual_seed(0)

@@ -53,7 +53,7 @@ class ModelConfig:
     selective: bool = True
     """Mamba only: false gives the LTI ablation (Δ, B, C learned but input-independent, an S4D-style model)."""
     dropout: float = 0.0
-    """Transformer only: dropout on the token embeddings and on each residual branch, in training."""
+    """Dropout on the token embeddings and on each residual branch (attention and MLP; Mamba's mixer), in training."""
     tie_embeddings: bool = True
     """lm_head shares the token embedding matrix."""
     norm_eps: float = 1e-5

@@ -122,6 +122,8 @@ class MambaBlock(nn.Module):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = MambaMixer(cfg)
+        # On the branch before it joins the residual stream (the next norm adds it), as the transformer does.
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, hidden, residual, conv_state=None, ssm_state=None, continue_state=False):
         """(hidden, residual) (B, L, d) -> (mixer(norm(hidden + residual)), hidden + residual).
@@ -129,7 +131,7 @@ class MambaBlock(nn.Module):
         ``residual`` is None at the first layer: the stream starts as the embeddings.
         """
         hidden, residual = self.norm(hidden, residual=residual, prenorm=True)
-        return self.mixer(hidden, conv_state, ssm_state, continue_state), residual
+        return self.dropout(self.mixer(hidden, conv_state, ssm_state, continue_state)), residual
 
     def step(self, hidden, residual, conv_state, ssm_state):
         """As ``forward`` for one position: (B, d) tensors."""
@@ -141,12 +143,13 @@ class MambaBackbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_f = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
     def forward(self, ids: torch.Tensor, state: MambaState | None = None, continue_state: bool = False):
         """ids (B, L) -> normalized hidden states (B, L, d); fills ``state`` when given (see ``MambaMixer``)."""
-        hidden, residual = self.embeddings(ids), None  # (B, L, d)
+        hidden, residual = self.dropout(self.embeddings(ids)), None  # (B, L, d)
         for i, layer in enumerate(self.layers):
             states = (state.conv_states[i], state.ssm_states[i]) if state is not None else (None, None)
             hidden, residual = layer(hidden, residual, *states, continue_state)
