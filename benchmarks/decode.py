@@ -38,6 +38,7 @@ import torch
 
 from sokhan.export.onnx import export_decoder, state_layout
 from sokhan.export.prefill import export_prefill
+from sokhan.export.quantize import to_int8
 from sokhan.export.runtime import StepGraph, open_session, state_specs
 from sokhan.pipeline.models import ModelConfig, build
 from sokhan.pipeline.stage import write_json
@@ -78,6 +79,15 @@ def bench_mamba(cfg: ModelConfig, model, graph: StepGraph, contexts: list[int], 
         ids = torch.tensor([7])
         with torch.no_grad():
             out["mamba_eager"][c] = median_ms(lambda: model.step(ids, tstate), reps)
+    return out
+
+
+def bench_step(name: str, cfg: ModelConfig, graph: StepGraph, contexts: list[int], reps: int, rng) -> dict:
+    """ms per token of one more step graph (the int8 variant) at each context, from a random state as above."""
+    out: dict[str, dict[int, float]] = {name: {}}
+    for c in contexts:
+        state = graph.state_from_numpy(random_state(cfg, c, rng), position=c)
+        out[name][c] = median_ms(lambda: graph.step(np.array([7]), state), reps)
     return out
 
 
@@ -194,6 +204,11 @@ def main() -> None:
                     results |= bench_mamba(cfg, model, graph, args.contexts, args.reps, rng)
             else:
                 results |= bench_transformer(cfg, model, graph, prefill, args.contexts, args.reps, rng)
+            if not args.prefill_only:
+                # The `--quantize int8` variant of the bundle (dynamic int8 weights in every MatMul/Gemm).
+                to_int8(path, Path(tmp) / f"{arch}.int8.onnx")
+                int8 = StepGraph(open_session(Path(tmp) / f"{arch}.int8.onnx", "cpu", args.threads), specs, arch == "transformer")
+                results |= bench_step(f"{arch}_onnx_int8", cfg, int8, args.contexts, args.reps, rng)
 
     device = f"CPU ({platform.processor() or platform.machine()}), {args.threads} thread(s)"
     common = {"device": device, "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
@@ -206,6 +221,7 @@ def main() -> None:
             summary["mamba_onnx_2048_over_64"] = results["mamba_onnx"][2048] / results["mamba_onnx"][64]
         for arch in ("mamba", "transformer"):
             summary[f"{arch}_onnx_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx"][c] for c in cs}
+            summary[f"{arch}_onnx_int8_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx_int8"][c] for c in cs}
         report = common | {"ms_per_token": {k: {str(c): round(v, 4) for c, v in s.items()} for k, s in results.items()},
                            "summary": summary}
         write_json(OUT / "decode.json", report)
