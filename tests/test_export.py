@@ -18,7 +18,7 @@ from sokhan.export.onnx import METADATA_KEY
 from sokhan.export.runtime import open_session
 from sokhan.pipeline.stage import run_stage
 from sokhan.pipeline.train.checkpoint import load_model
-from tiny_bundle import FULL, config, tiny_bundle, tiny_run
+from tiny_bundle import FULL, config, tampered, tiny_bundle, tiny_run
 
 ARCHS = ["mamba", "transformer"]
 
@@ -171,19 +171,8 @@ def test_failed_parity_publishes_no_bundle(monkeypatch):
     """A graph that disagrees with PyTorch (one weight changed before tracing) fails the stage; nothing published."""
     from sokhan.export import onnx as onnx_export
 
-    real = onnx_export.export_decoder
-
-    def tampered(model, cfg, path, opset=18):
-        with torch.no_grad():
-            model.get_input_embeddings().weight[:, 0] += 0.5
-        try:
-            real(model, cfg, path, opset)
-        finally:
-            with torch.no_grad():
-                model.get_input_embeddings().weight[:, 0] -= 0.5
-
     run = tiny_run("mamba")
-    monkeypatch.setattr(onnx_export, "export_decoder", tampered)
+    monkeypatch.setattr(onnx_export, "export_decoder", tampered(onnx_export.export_decoder))
     before = (run / "export").exists() and json.loads((run / "export" / "manifest.json").read_text())["fingerprint"]
     with pytest.raises(CheckFailed, match="parity failed") as failure:
         run_stage("export", config("mamba", "export.parity_steps=8"), run, force=True)

@@ -23,7 +23,7 @@ from sokhan.export.runtime import Decoder, open_session
 from sokhan.kernels.selective_scan.reference import selective_scan_ref
 from sokhan.kernels.selective_scan.scan_hop import selective_scan_hop
 from sokhan.pipeline.models import ModelConfig, build
-from tiny_bundle import config, tiny_bundle, tiny_run
+from tiny_bundle import config, tampered, tiny_bundle, tiny_run
 
 ATOL = 1e-4  # float32 graph against float32 PyTorch: logits O(1), states O(0.1..1)
 VOCAB = 101
@@ -177,18 +177,7 @@ def test_a_wrong_prefill_graph_fails_the_parity_check(monkeypatch):
     from sokhan.export import prefill
     from sokhan.pipeline.stage import run_stage
 
-    real = prefill.export_prefill
-
-    def tampered(model, cfg, path, opset=18):
-        with torch.no_grad():
-            model.get_input_embeddings().weight[:, 0] += 0.5
-        try:
-            real(model, cfg, path, opset)
-        finally:
-            with torch.no_grad():
-                model.get_input_embeddings().weight[:, 0] -= 0.5
-
-    monkeypatch.setattr(prefill, "export_prefill", tampered)
+    monkeypatch.setattr(prefill, "export_prefill", tampered(prefill.export_prefill))
     run = tiny_run("mamba")
     with pytest.raises(CheckFailed, match="parity failed"):
         run_stage("export", config("mamba", "export.prefill=true", "export.parity_steps=4"), run, force=True)

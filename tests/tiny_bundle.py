@@ -25,6 +25,24 @@ ARCH_OVERRIDES = {
 }
 
 
+def tampered(export_fn):
+    """``export_fn`` (an ``export_*(model, cfg, path, opset)``) tracing a model with one weight changed, restored
+    after: a graph that must fail the parity check."""
+
+    def export(model, cfg, path, opset=18):
+        import torch
+
+        with torch.no_grad():
+            model.get_input_embeddings().weight[:, 0] += 0.5
+        try:
+            export_fn(model, cfg, path, opset)
+        finally:
+            with torch.no_grad():
+                model.get_input_embeddings().weight[:, 0] -= 0.5
+
+    return export
+
+
 def val_lines(lang: str, n: int = 6, seed: int = 1) -> list[str]:
     rng = np.random.default_rng(seed)
     sep = "" if lang == "zh" else " "
