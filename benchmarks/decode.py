@@ -7,7 +7,9 @@
 Five ways to produce the next token at batch 1 after ``context`` tokens, with untrained ``tiny`` preset models
 (vocabulary 8000, as the default tokenizer):
 
-- ``mamba_onnx``: the exported Mamba step (``decoder.onnx``) through the runtime's IOBinding path;
+- ``mamba_onnx``: the exported Mamba step (``decoder.onnx``) through the runtime's step API (``StepGraph.step``:
+  the input state kept, a new one allocated), and ``mamba_onnx_loop`` through ``StepLoop``, the in-place loop
+  ``Decoder.generate`` uses;
 - ``mamba_eager``: PyTorch ``MambaLM.step`` (default kernel dispatch);
 - ``transformer_onnx``: the exported transformer step with a KV cache of ``context`` entries;
 - ``transformer_eager``: PyTorch ``Transformer.step`` on its preallocated KV cache at position ``context``;
@@ -39,7 +41,7 @@ import torch
 from sokhan.export.onnx import export_decoder, state_layout
 from sokhan.export.prefill import export_prefill
 from sokhan.export.quantize import to_int8
-from sokhan.export.runtime import StepGraph, open_session, state_specs
+from sokhan.export.runtime import StepGraph, StepLoop, open_session, state_specs
 from sokhan.pipeline.models import ModelConfig, build
 from sokhan.pipeline.stage import write_json
 
@@ -68,11 +70,13 @@ def random_state(cfg: ModelConfig, context: int, rng: np.random.Generator) -> li
 
 
 def bench_mamba(cfg: ModelConfig, model, graph: StepGraph, contexts: list[int], reps: int, rng) -> dict:
-    out: dict[str, dict[int, float]] = {"mamba_onnx": {}, "mamba_eager": {}}
+    out: dict[str, dict[int, float]] = {"mamba_onnx": {}, "mamba_onnx_loop": {}, "mamba_eager": {}}
     token = np.array([7])
     for c in contexts:
         state = graph.state_from_numpy(random_state(cfg, c, rng), position=c)
         out["mamba_onnx"][c] = median_ms(lambda: graph.step(token, state), reps)
+        loop = StepLoop(graph, state)  # what Decoder.generate steps: the state updated in place
+        out["mamba_onnx_loop"][c] = median_ms(lambda: loop.step(token), reps)
         tstate = model.init_state(1)
         for t, a in zip(tstate.tensors(), random_state(cfg, c, rng)):
             t.copy_(torch.from_numpy(a))
@@ -221,6 +225,8 @@ def main() -> None:
             summary["mamba_onnx_2048_over_64"] = results["mamba_onnx"][2048] / results["mamba_onnx"][64]
         for arch in ("mamba", "transformer"):
             summary[f"{arch}_onnx_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx"][c] for c in cs}
+            if arch == "mamba":
+                summary["mamba_onnx_loop_speedup_over_eager"] = {c: results["mamba_eager"][c] / results["mamba_onnx_loop"][c] for c in cs}
             summary[f"{arch}_onnx_int8_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx_int8"][c] for c in cs}
         report = common | {"ms_per_token": {k: {str(c): round(v, 4) for c, v in s.items()} for k, s in results.items()},
                            "summary": summary}

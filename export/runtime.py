@@ -206,6 +206,58 @@ class StepGraph:
         return out[0].numpy(), DecodeState(list(out[1:]), state.position + 1)
 
 
+class StepLoop:
+    """Stepping one sequence of states forward in place: two preallocated state buffers, alternately read and
+    written, through two IOBindings built once.
+
+    ``StepGraph.step`` leaves its input state untouched (a beam search branches from it), so every call binds
+    every tensor again and ONNX Runtime allocates a new state; for a tiny Mamba that is ~70 µs of a ~0.4 ms step.
+    Generation never goes back to an old state, so here each call binds only the next ids, and the state just
+    read becomes the buffer the following call writes. Only for states of fixed shape (Mamba's); a KV cache
+    grows every step. ``state()`` copies the current state out as a ``DecodeState``.
+    """
+
+    def __init__(self, graph: StepGraph, state: DecodeState) -> None:
+        import onnxruntime as ort
+
+        if graph.uses_position_ids or any("past" in spec.shape for spec in graph.specs):
+            raise SokhanError("StepLoop: the state grows with the context (a KV cache); use StepGraph.step")
+        self.graph, self.position, batch = graph, state.position, state.batch_size
+        device = graph.device
+        host = [t.numpy() for t in state.tensors]  # the starting state, once to the host and back
+        self.buffers = (
+            [ort.OrtValue.ortvalue_from_numpy(a, device, 0) for a in host],
+            [ort.OrtValue.ortvalue_from_shape_and_type(a.shape, a.dtype, device, 0) for a in host],
+        )
+        self.ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64))  # host memory, updated in place
+        vocab = graph.session.get_outputs()[0].shape[-1]
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, vocab), np.float32, "cpu", 0)
+        self.bindings = [self._bind(self.buffers[i], self.buffers[1 - i]) for i in (0, 1)]
+        self.current = 0  # index of the buffer holding the current state
+
+    def _bind(self, src: list, dst: list):
+        io = self.graph.session.io_binding()
+        io.bind_ortvalue_input("input_ids", self.ids)
+        for spec, value in zip(self.graph.specs, src):
+            io.bind_ortvalue_input(spec.input, value)
+        io.bind_ortvalue_output("logits", self.logits)
+        for spec, value in zip(self.graph.specs, dst):
+            io.bind_ortvalue_output(spec.output, value)
+        return io
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """One token per row: ``ids`` (B,) -> logits (B, V) (a copy); the state advances in place."""
+        self.ids.update_inplace(np.asarray(ids, dtype=np.int64).reshape(-1, 1))
+        self.graph.session.run_with_iobinding(self.bindings[self.current])
+        self.current = 1 - self.current
+        self.position += 1
+        return self.logits.numpy().copy()
+
+    def state(self) -> DecodeState:
+        """The current state, copied out (later steps do not change it)."""
+        return self.graph.state_from_numpy([t.numpy() for t in self.buffers[self.current]], self.position)
+
+
 class Decoder:
     """An exported bundle, ready to generate text and predict next words.
 
@@ -313,6 +365,8 @@ class Decoder:
         rng = np.random.default_rng(seed)
         ids = self.encode_prompt(prompt, lang)
         logits, state = self.prefill(ids)
+        # A recurrent state of fixed size is stepped in place (StepLoop); a KV cache through the step API.
+        loop = None if self.config["uses_position_ids"] else StepLoop(self.graph, state)
         new: list[int] = []
         for n in range(max_new_tokens):
             token = int(sample(logits, temperature, top_k, rng)[0])
@@ -321,7 +375,10 @@ class Decoder:
             new.append(token)
             if n + 1 == max_new_tokens or (self.max_context is not None and state.position >= self.max_context):
                 break
-            logits, state = self.step(np.array([token]), state)
+            if loop is not None:
+                logits = loop.step(np.array([token]))
+            else:
+                logits, state = self.step(np.array([token]), state)
         return self.tokenizer.decode(new)
 
     def next_words(self, text: str, k: int = 5, lang: str | None = None, **search) -> list[tuple[str, float]]:

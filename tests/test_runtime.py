@@ -15,7 +15,7 @@ import pytest
 
 from sokhan import SokhanError
 from sokhan.export.nextword import INVALID, first_word, next_words
-from sokhan.export.runtime import Decoder
+from sokhan.export.runtime import Decoder, StepLoop
 from tiny_bundle import FULL, tiny_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,13 +31,16 @@ def decoder(bundle) -> Decoder:
     return Decoder(bundle, provider="cpu")
 
 
-def test_greedy_generation_is_the_torch_greedy_continuation(bundle, decoder):
+@pytest.mark.parametrize("arch", ["transformer", "mamba"])
+def test_greedy_generation_is_the_torch_greedy_continuation(arch):
+    """Through the step API (transformer) and generate's in-place StepLoop (Mamba)."""
     import torch
 
     from sokhan.pipeline.train.checkpoint import load_model
     from tiny_bundle import tiny_run
 
-    model, _ = load_model(tiny_run("transformer") / "train")
+    decoder = Decoder(tiny_bundle(arch), provider="cpu")
+    model, _ = load_model(tiny_run(arch) / "train")
     ids = decoder.encode_prompt("i saw the book", "en")
     assert ids[0] == decoder.tokenizer.lang_id("en")
     with torch.no_grad():
@@ -52,6 +55,29 @@ def test_greedy_generation_is_the_torch_greedy_continuation(bundle, decoder):
             nxt = int(logits[0].argmax())
     got = decoder.generate("i saw the book", max_new_tokens=len(want), lang="en")
     assert got == decoder.tokenizer.decode(want)
+
+
+def test_step_loop_is_the_step_api_in_place():
+    """StepLoop (generate's loop for a fixed-size state) gives the step API's logits and state bit for bit."""
+    dec = Decoder(tiny_bundle("mamba"), provider="cpu")
+    _, state = dec.prefill(dec.encode_prompt("we saw the house", "en"), batch_size=2)
+    loop = StepLoop(dec.graph, state)
+    for row in ([5, 9], [17, 17], [3, 8], [9, 5]):
+        want, state = dec.step(np.array(row), state)
+        np.testing.assert_array_equal(loop.step(np.array(row)), want)
+    snapshot = loop.state()
+    assert snapshot.position == state.position and snapshot.batch_size == 2
+    kept = [t.numpy().copy() for t in snapshot.tensors]
+    for a, b in zip(kept, state.tensors):
+        np.testing.assert_array_equal(a, b.numpy())
+    loop.step(np.array([1, 1]))  # a snapshot is a copy: later steps leave it alone
+    for a, b in zip(kept, snapshot.tensors):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_step_loop_refuses_a_kv_cache(decoder):
+    with pytest.raises(SokhanError, match="KV cache"):
+        StepLoop(decoder.graph, decoder.init_state(1))
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(decoder):
@@ -167,7 +193,7 @@ class NoTorch:
         if name == "torch" or name.startswith("torch."):
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, NoTorch())
-from sokhan.export.runtime import Decoder
+from sokhan.export.runtime import Decoder, StepLoop
 d = Decoder({str(bundle)!r}, provider="cpu")
 assert d.generate("the book", 4, lang="en") is not None
 assert d.next_words("我 喜欢", k=2)
