@@ -6,8 +6,10 @@ names every state tensor and its shape. ``Decoder`` checks the three against eac
 bad bundle fails with one line naming the file and the problem, not inside a session run.
 
 The state stays an ONNX Runtime ``OrtValue`` between steps, bound with IOBinding: on CUDA it never leaves the
-device; only the logits come back to the host. This module imports numpy, onnxruntime and
-``sokhan.tokenization``, never torch (a test runs it in a fresh interpreter and checks ``sys.modules``).
+device; only the logits come back to the host. ``StepGraph.step`` keeps its input state (beam search branches from
+it); ``StepLoop``, which ``Decoder.generate`` uses for Mamba's fixed-size state, steps one state in place. This
+module imports numpy, onnxruntime and ``sokhan.tokenization``, never torch (a test runs it in a fresh interpreter
+and checks ``sys.modules``).
 """
 
 from __future__ import annotations
