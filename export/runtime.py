@@ -32,6 +32,7 @@ TOKENIZER = "tokenizer.json"
 SEGMENTER = "segmenter.json"
 EOS = "<|eos|>"
 _DTYPES = {"float32": np.float32, "float16": np.float16}
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _NOTICED = False  # the CPU-fallback notice is said once per process
 
 
@@ -216,7 +217,8 @@ class StepLoop:
     every tensor again and ONNX Runtime allocates a new state; for a tiny Mamba that is ~70 µs of a ~0.4 ms step.
     Generation never goes back to an old state, so here each call binds only the next ids, and the state just
     read becomes the buffer the following call writes. Only for states of fixed shape (Mamba's); a KV cache
-    grows every step. ``state()`` copies the current state out as a ``DecodeState``.
+    grows every step. The loop takes ``state`` over: its tensors are the first buffer (no copy, so on CUDA the
+    state never leaves the device) and later steps overwrite them. ``state()`` copies the current state out.
     """
 
     def __init__(self, graph: StepGraph, state: DecodeState) -> None:
@@ -225,11 +227,10 @@ class StepLoop:
         if graph.uses_position_ids or any("past" in spec.shape for spec in graph.specs):
             raise SokhanError("StepLoop: the state grows with the context (a KV cache); use StepGraph.step")
         self.graph, self.position, batch = graph, state.position, state.batch_size
-        device = graph.device
-        host = [t.numpy() for t in state.tensors]  # the starting state, once to the host and back
         self.buffers = (
-            [ort.OrtValue.ortvalue_from_numpy(a, device, 0) for a in host],
-            [ort.OrtValue.ortvalue_from_shape_and_type(a.shape, a.dtype, device, 0) for a in host],
+            list(state.tensors),
+            [ort.OrtValue.ortvalue_from_shape_and_type(t.shape(), _ORT_DTYPES[t.data_type()], graph.device, 0)
+             for t in state.tensors],
         )
         self.ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64))  # host memory, updated in place
         vocab = graph.session.get_outputs()[0].shape[-1]

@@ -61,7 +61,8 @@ def test_step_loop_is_the_step_api_in_place():
     """StepLoop (generate's loop for a fixed-size state) gives the step API's logits and state bit for bit."""
     dec = Decoder(tiny_bundle("mamba"), provider="cpu")
     _, state = dec.prefill(dec.encode_prompt("we saw the house", "en"), batch_size=2)
-    loop = StepLoop(dec.graph, state)
+    # The loop takes its state over (overwrites it), so it gets a copy of the one the step API carries on from.
+    loop = StepLoop(dec.graph, dec.graph.state_from_numpy([t.numpy() for t in state.tensors], state.position))
     for row in ([5, 9], [17, 17], [3, 8], [9, 5]):
         want, state = dec.step(np.array(row), state)
         np.testing.assert_array_equal(loop.step(np.array(row)), want)
