@@ -1,9 +1,9 @@
 """Next-*word* prediction from a next-*token* model: a small beam search over subword continuations.
 
 numpy only (no torch), so the exported runtime and the evaluation stage share it. The model is reached through
-one callable, ``step_fn(ids (B,) int64, state) -> (logits (B, V), new_state)``, that must not modify ``state`` in
-place (the search branches from one state into several hypotheses). ONNX Runtime's step is functional already; a
-PyTorch ``model.step`` must be wrapped with a clone of the state.
+two callables: ``step_fn(ids (B,) int64, state) -> (logits (B, V), new_state)`` and ``take(state, rows) -> state``,
+which gathers rows of a batched state (the search branches one state into several hypotheses). Every hypothesis
+of a round goes through one batched step, so a search of depth d costs d model calls, not up to d · beam.
 
 What a word is. The prompt is taken to end where a word may start. The continuation's text (decoded from the
 continuation tokens alone, leading whitespace stripped) is cut into words by the tokenizer's own segmenter
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 StepFn = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
+TakeFn = Callable[[Any, np.ndarray], Any]
 Splitter = Callable[[str], list[str]]
 
 
@@ -34,14 +34,6 @@ class TokenizerLike(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def segment(self, text: str, lang: str) -> list[str]: ...
-
-
-@dataclass
-class _Hypothesis:
-    logprob: float
-    ids: tuple[int, ...]
-    logits: np.ndarray  # (V,) the model's next-token logits after ``ids``
-    state: Any
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -105,6 +97,7 @@ def next_words(
     logits: np.ndarray,
     tokenizer: TokenizerLike,
     *,
+    take: TakeFn,
     k: int = 5,
     lang: str | None = None,
     beam: int = 8,
@@ -114,10 +107,15 @@ def next_words(
 ) -> list[tuple[str, float]]:
     """The ``k`` most likely next words and their probabilities, most likely first.
 
-    ``logits`` (V,) is the next-token distribution after the prompt and ``state`` the model state that produced
-    it. Each round extends the ``beam`` best unfinished hypotheses by their ``beam`` best tokens; a hypothesis
-    longer than ``max_tokens`` tokens without a boundary, or less likely than ``min_prob``, is dropped. The
-    probabilities are lower bounds (mass outside the beam is not counted), so they need not sum to 1.
+    ``logits`` (V,) is the next-token distribution after the prompt and ``state`` the (batch 1) model state that
+    produced it. Each round extends the ``beam`` best unfinished hypotheses by their ``beam`` best tokens; a
+    hypothesis longer than ``max_tokens`` tokens without a boundary, or less likely than ``min_prob``, is dropped.
+    The probabilities are lower bounds (mass outside the beam is not counted), so they need not sum to 1.
+
+    The hypotheses of a round are one batch: ``take(state, rows)`` builds the state whose row i is row
+    ``rows[i]`` of ``state`` (rows may repeat; a new state, ``state`` untouched), and one ``step_fn`` call
+    extends them all. ``step_fn`` only ever sees states made by ``take`` and never reused, so it may update
+    them in place.
     """
     if k < 1 or beam < 1 or max_tokens < 1 or not 0.0 < min_prob < 1.0:
         raise ValueError("k, beam and max_tokens must be >= 1 and min_prob in (0, 1)")
@@ -128,29 +126,34 @@ def next_words(
 
     floor = math.log(min_prob)
     found: dict[str, float] = {}
-    frontier = [_Hypothesis(0.0, (), np.asarray(logits, dtype=np.float32).reshape(-1), state)]
+    # The frontier: per hypothesis its log-probability and tokens; its logits and state are rows of a batch.
+    scores, paths = [0.0], [()]
+    batch_logits = np.asarray(logits, dtype=np.float32).reshape(1, -1)
     for depth in range(max_tokens):
-        candidates: list[tuple[float, int, int]] = []  # (logprob, hypothesis index, token)
-        for h_index, hyp in enumerate(frontier):
-            x = hyp.logits.astype(np.float64)
-            x[banned] = -np.inf  # language tags, bos and pad never occur inside a line: renormalise without them
-            lp = log_softmax(x)
-            top = np.argpartition(-lp, min(beam, lp.size - 1))[:beam]
-            candidates.extend((hyp.logprob + float(lp[t]), h_index, int(t)) for t in top if hyp.logprob + lp[t] >= floor)
-        next_frontier: list[_Hypothesis] = []
-        for logprob, h_index, token in heapq.nlargest(beam * beam, candidates):
-            hyp = frontier[h_index]
+        x = batch_logits.astype(np.float64)
+        x[:, banned] = -np.inf  # language tags, bos and pad never occur inside a line: renormalise without them
+        lp = log_softmax(x)
+        width = min(beam, lp.shape[-1] - 1)
+        top = np.argpartition(-lp, width, axis=-1)[:, :beam]
+        candidates = [  # (logprob, hypothesis index, token)
+            (scores[h] + float(lp[h, t]), h, int(t)) for h in range(len(paths)) for t in top[h] if scores[h] + lp[h, t] >= floor
+        ]
+        parents, tokens, next_scores, next_paths = [], [], [], []
+        for logprob, h, token in heapq.nlargest(beam * beam, candidates):
             final = token == eos
-            ids = hyp.ids if final else hyp.ids + (token,)
+            ids = paths[h] if final else paths[h] + (token,)
             word = first_word(tokenizer.decode(list(ids)), split, final=final) if ids else None
             if word == INVALID:
                 continue
             if word is not None:
                 found[word] = found.get(word, 0.0) + math.exp(logprob)
-            elif not final and len(next_frontier) < beam and depth + 1 < max_tokens:
-                out, new_state = step_fn(np.array([token], dtype=np.int64), hyp.state)
-                next_frontier.append(_Hypothesis(logprob, ids, np.asarray(out)[0], new_state))
-        frontier = next_frontier
-        if not frontier:
+            elif not final and len(parents) < beam and depth + 1 < max_tokens:
+                parents.append(h)
+                tokens.append(token)
+                next_scores.append(logprob)
+                next_paths.append(ids)
+        if not parents:
             break
+        out, state = step_fn(np.array(tokens, dtype=np.int64), take(state, np.array(parents, dtype=np.int64)))
+        batch_logits, scores, paths = np.asarray(out), next_scores, next_paths
     return sorted(found.items(), key=lambda kv: -kv[1])[:k]

@@ -85,9 +85,13 @@ def read_config(bundle: Path) -> dict[str, Any]:
 
 def state_specs(cfg: dict[str, Any]) -> list[StateSpec]:
     try:
-        return [StateSpec(s["input"], s["output"], tuple(s["shape"]), s.get("dtype", "float32")) for s in cfg["state"]]
+        specs = [StateSpec(s["input"], s["output"], tuple(s["shape"]), s.get("dtype", "float32")) for s in cfg["state"]]
     except (KeyError, TypeError) as e:
         raise SokhanError(f"{CONFIG}: key 'state' must be a list of {{input, output, shape, dtype}} ({e})") from None
+    for spec in specs:
+        if spec.dtype not in _DTYPES:  # else a KeyError when the first state is allocated
+            raise SokhanError(f"{CONFIG}: state {spec.input} has dtype {spec.dtype!r}; expected one of {', '.join(_DTYPES)}")
+    return specs
 
 
 def _providers(provider: str) -> list[str]:
@@ -192,6 +196,13 @@ class StepGraph:
 
     def init_state(self, batch_size: int = 1) -> DecodeState:
         return self.state_from_numpy([s.zeros(batch_size) for s in self.specs])
+
+    def take(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
+        """A new state whose row i is row ``rows[i]`` of ``state`` (rows may repeat): a beam search's hypotheses.
+
+        Through host memory: a beam's states are small, and a gather graph per state tensor would cost more.
+        """
+        return self.state_from_numpy([t.numpy()[rows] for t in state.tensors], state.position)
 
     def step(self, ids: np.ndarray, state: DecodeState) -> tuple[np.ndarray, DecodeState]:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1, 1)  # (B, 1)
@@ -329,7 +340,10 @@ class Decoder:
         from sokhan.tokenization import detect_language
 
         lang = lang or detect_language(text) or "en"
-        return [self.tokenizer.lang_id(lang), *self.tokenizer.encode(text, lang=lang)]
+        ids = self.tokenizer.encode(text, lang=lang)
+        if not ids:  # "" or only spaces: the language tag alone is no prompt (and prefill's own check never sees it)
+            raise SokhanError(f"empty prompt {text!r}: give at least one character of text")
+        return [self.tokenizer.lang_id(lang), *ids]
 
     def prefill(self, ids: Sequence[int], batch_size: int = 1) -> tuple[np.ndarray, DecodeState]:
         """Run the prompt ``ids`` from an empty state; returns the last logits (B, V) and the state after it.
@@ -365,6 +379,10 @@ class Decoder:
             raise SokhanError(f"max_new_tokens = {max_new_tokens} must be >= 0")
         if top_k is not None and top_k < 1:
             raise SokhanError(f"top_k = {top_k} must be >= 1")
+        if not (temperature >= 0 and np.isfinite(temperature)):  # nan would reach rng.choice as nan probabilities
+            raise SokhanError(f"temperature = {temperature} must be a finite number >= 0 (0 = greedy)")
+        if seed is not None and seed < 0:
+            raise SokhanError(f"seed = {seed} must be >= 0")
         rng = np.random.default_rng(seed)
         ids = self.encode_prompt(prompt, lang)
         logits, state = self.prefill(ids)
@@ -389,6 +407,9 @@ class Decoder:
         from sokhan.export.nextword import default_splitter, next_words
         from sokhan.tokenization import detect_language
 
+        if k < 1:
+            raise SokhanError(f"k = {k} must be >= 1")
         lang = lang or detect_language(text) or "en"
         logits, state = self.prefill(self.encode_prompt(text, lang))
-        return next_words(self.step, state, logits[0], self.tokenizer, k=k, split=default_splitter(self.tokenizer, lang), **search)
+        return next_words(self.step, state, logits[0], self.tokenizer, take=self.graph.take, k=k,
+                          split=default_splitter(self.tokenizer, lang), **search)

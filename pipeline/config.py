@@ -129,6 +129,12 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             valid = ", ".join(sorted(names))
             raise SokhanError(f"config: unknown key {full!r} (valid keys here: {valid})")
         kwargs[key] = _convert(value, hints[key], full)
+    # A field without a default (corpus.paths[i].path) left out would be a TypeError from the constructor.
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in kwargs:
+            raise SokhanError(f"config: {prefix + ': ' if prefix else ''}missing key {name!r}")
     try:
         return cls(**kwargs)
     except SokhanError as e:
@@ -162,6 +168,12 @@ def read_toml(path: Path) -> dict[str, Any]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise SokhanError(f"config: {path}: no such file") from None
+    except IsADirectoryError:
+        raise SokhanError(f"config: {path}: is a directory, not a TOML file") from None
+    except OSError as e:  # permissions, a FIFO, an I/O error: one line, not a traceback
+        raise SokhanError(f"config: {path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:  # tomllib decodes the whole file as UTF-8 before parsing
+        raise SokhanError(f"config: {path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise SokhanError(f"config: {path}: invalid TOML: {e}") from None
     _resolve_corpus_paths(data, path.resolve().parent)

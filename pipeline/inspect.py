@@ -206,6 +206,10 @@ def main(args: argparse.Namespace) -> int:
     from sokhan.pipeline.train.checkpoint import load_model
     from sokhan.tokenization import Tokenizer, detect_language
 
+    if args.max_tokens < 1:
+        raise SokhanError(f"--max-tokens = {args.max_tokens} must be >= 1")
+    if not args.text.strip():  # with --lang it would plot the language tag alone
+        raise SokhanError(f"--text {args.text!r}: nothing to inspect; give at least one word")
     run = Path(args.run_dir)
     for stage in ("tokenize", "train"):
         if not (run / stage / "manifest.json").exists():
@@ -218,6 +222,11 @@ def main(args: argparse.Namespace) -> int:
     if len(ids) > args.max_tokens:
         raise SokhanError(f"--text is {len(ids)} tokens; --max-tokens is {args.max_tokens} (shorten the text or raise it)")
     model, cfg = load_model(run / "train", device="cpu")
+    if cfg.vocab_size != tokenizer.vocab_size:  # tokenize rerun since train: the labels would name other tokens
+        raise SokhanError(
+            f"{run / 'train'}: model vocabulary {cfg.vocab_size} != tokenizer vocabulary {tokenizer.vocab_size} in "
+            f"{run / 'tokenize'}; the model is stale, run `sokhan run --run-dir {run}` first"
+        )
     out = args.out or run / "inspect"
     labels = token_labels(tokenizer, ids)
     batch = torch.as_tensor([ids], dtype=torch.int64)

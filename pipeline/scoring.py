@@ -176,39 +176,55 @@ def summarize(text: EncodedText, nll: np.ndarray, rank: np.ndarray) -> Scores:
 
 
 def word_starts(tokenizer, text: EncodedText, limit: int, split: Callable[[str], list[str]] | None = None) -> list[tuple[int, str]]:
-    """Up to ``limit`` (position, gold word) pairs: stream positions where a word starts, and that word.
+    """Up to ``limit`` (position, gold word) pairs, spread evenly over the text: stream positions where a word
+    starts, and that word.
 
-    A position starts a word when the text decoded from its line's tokens before it ends at a boundary of the
-    segmenter's words (whitespace after the boundary is skipped, as ``nextword.first_word`` strips it).
-    The gold word is the first word of the rest of the line, cut by the same ``nextword.first_word``.
+    A position starts a word when the text of its line's tokens before it ends at a boundary of the segmenter's
+    words (whitespace after the boundary is skipped, as ``nextword.first_word`` strips it) and not inside a
+    multi-byte character. The gold word is the first word of the rest of the line, cut by the same
+    ``nextword.first_word``. Spread evenly (every k-th word start), not the first ``limit``, so that the figure
+    covers all of the text.
     """
     from sokhan.export.nextword import first_word
 
     split = split or splitter(tokenizer, text.lang)
-    out: list[tuple[int, str]] = []
-    for i, line in enumerate(text.lines):
+    candidates: list[tuple[int, str, int]] = []  # (position, its line's text, where in it the word starts)
+    for i in range(len(text.lines)):
         a, b = int(text.line_starts[i]) + 1, int(text.line_starts[i + 1]) - 1  # the line's own tokens [a, b)
-        ids = text.tokens[a:b].tolist()
-        full = tokenizer.decode(ids)
-        starts, cursor = set(), 0
+        # Byte-level tokens: a prefix's text is its bytes decoded, whole characters only where its byte length
+        # falls on a character boundary. Lengths, not a decode per prefix (quadratic on a long Chinese line).
+        pieces = [tokenizer.id_to_bytes(t) for t in text.tokens[a:b].tolist()]
+        full = b"".join(pieces).decode("utf-8", errors="replace")
+        char_at, offset = {0: 0}, 0  # byte offset of each character boundary -> character index
+        for n, ch in enumerate(full):
+            offset += len(ch.encode())
+            char_at[offset] = n + 1
+        word_at, cursor = {}, 0  # character index where a segmenter word starts -> the word
         for w in split(full):
             at = full.find(w, cursor)
             if at < 0:
                 break
-            starts.add(at)
+            word_at[at] = w
             cursor = at + len(w)
-        for j in range(len(ids)):
-            prefix = tokenizer.decode(ids[:j])
-            if not full.startswith(prefix):
-                continue  # the boundary falls inside a multi-byte character
-            at = len(prefix) + len(full[len(prefix) :]) - len(full[len(prefix) :].lstrip())
-            if at not in starts:
-                continue
-            gold = first_word(tokenizer.decode(ids[j:]), split, final=True)
-            if gold and is_word(gold):
-                out.append((a + j, gold))
-                if len(out) >= limit:
-                    return out
+        visible = len(full)  # the first non-space character at or after each index, filled from the end
+        skip = [0] * (len(full) + 1)
+        for n in range(len(full), -1, -1):
+            if n < len(full) and not full[n].isspace():
+                visible = n
+            skip[n] = visible
+        offset = 0
+        for j, piece in enumerate(pieces):
+            at = char_at.get(offset)
+            offset += len(piece)
+            if at is not None and is_word(word_at.get(skip[at], "")):  # None: inside a multi-byte character
+                candidates.append((a + j, full, skip[at]))
+    if len(candidates) > limit:  # every k-th, then the gold word of those alone (a segmentation each)
+        candidates = [candidates[k] for k in np.unique(np.linspace(0, len(candidates) - 1, limit).round().astype(np.int64))]
+    out = []
+    for position, full, at in candidates:
+        gold = first_word(full[at:], split, final=True)
+        if gold and is_word(gold):
+            out.append((position, gold))
     return out
 
 
@@ -234,15 +250,15 @@ def nextword_ranks(
 
     split = split or splitter(tokenizer, text.lang)
     ranks = np.full(len(positions), k, np.int64)
-    state, fed, logits = model.init_state(), 0, None  # fed: how many tokens ``state`` has consumed
+    state, fed, logits = None, 0, None  # fed: how many tokens ``state`` has consumed (None: a fresh start)
     p = 0  # the state has seen tokens[:p] (its last ``fed`` of them)
     for i, (target, gold) in enumerate(positions):
         if fed + target - p > window - max_tokens:
-            state, fed = model.init_state(), 0
+            state, fed = None, 0
             p = max(0, target - window // 2)
         logits, state = model.advance(text.tokens[p:target], state)
         fed, p = fed + target - p, target
-        found = next_words(model.step, state, logits, tokenizer, k=k, beam=beam, max_tokens=max_tokens, split=split)
+        found = next_words(model.step, state, logits, tokenizer, take=model.take, k=k, beam=beam, max_tokens=max_tokens, split=split)
         words = [w for w, _ in found]
         if gold in words:
             ranks[i] = words.index(gold)
@@ -251,15 +267,18 @@ def nextword_ranks(
 
 @dataclass
 class ModelFns:
-    """A PyTorch model seen through numpy, batch 1: what next-word search needs.
+    """A PyTorch model seen through numpy: what next-word search needs.
 
-    step(ids (1,), state) -> (logits (1, V), new state), leaving ``state`` untouched (``nextword`` branches from it);
-    advance(ids (T,), state) -> (logits (V,) after the last id, state) consumes a chunk in one parallel pass.
+    step(ids (B,), state) -> (logits (B, V), new state), free to update ``state`` in place (next-word search only
+    steps states that ``take`` made); take(state, rows) -> the state of rows ``rows`` of ``state`` (a new state);
+    advance(ids (T,), state) -> (logits (V,) after the last id, state) consumes a chunk of one sequence in one
+    parallel pass (``state`` None: from a fresh state, which a recurrent model need not carry a zero state into).
     """
 
     init_state: Callable[[], Any]
     step: Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
     advance: Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
+    take: Callable[[Any, np.ndarray], Any]
 
 
 def torch_fns(model) -> ModelFns:
@@ -271,14 +290,16 @@ def torch_fns(model) -> ModelFns:
         return model.init_state(1, param.device, param.dtype)
 
     def step(ids: np.ndarray, state):
-        fresh = type(state).from_tensors([x.clone() for x in state.tensors()])
         with torch.no_grad():
-            logits, fresh = model.step(torch.as_tensor(ids, dtype=torch.int64, device=param.device), fresh)
-        return logits.float().cpu().numpy(), fresh
+            logits, state = model.step(torch.as_tensor(ids, dtype=torch.int64, device=param.device), state)
+        return logits.float().cpu().numpy(), state
+
+    def take(state, rows: np.ndarray):
+        return state.take(torch.as_tensor(rows, dtype=torch.int64, device=param.device))
 
     def advance(ids: np.ndarray, state):
         with torch.no_grad():
             logits, state = model.prefill(torch.as_tensor(np.asarray(ids)[None], dtype=torch.int64, device=param.device), state)
         return logits[0, -1].float().cpu().numpy(), state
 
-    return ModelFns(init_state, step, advance)
+    return ModelFns(init_state, step, advance, take)

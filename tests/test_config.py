@@ -73,6 +73,12 @@ def test_round_trip_through_dict():
         ("model.arch='rnn'", "model.arch = 'rnn' is not one of 'transformer' | 'mamba'"),
         ("tokenize.vocab_size=10", "tokenize.vocab_size = 10 must be"),
         ("model.dt_min=0.5", "model.dt_min = 0.5 must be > 0 and ≤ model.dt_max"),
+        # TOML's nan and inf pass every `<` check unless refused explicitly.
+        ("train.grad_clip=nan", "train.grad_clip = nan must be a finite number"),
+        ("train.lr=inf", "train.lr = inf must be a finite number"),
+        ("model.dt_max=inf", "model.dt_min = 0.001 must be > 0 and ≤ model.dt_max = inf"),
+        ("model.norm_eps=-1", "model.norm_eps = -1.0 must be a finite number > 0"),
+        ("corpus.paths=[{lang='fa'}]", "config: corpus.paths[0]: missing key 'path'"),
     ],
 )
 def test_bad_values_are_named(override, message):
@@ -101,6 +107,12 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("[train\nsteps = 1\n")
     with pytest.raises(SokhanError, match="invalid TOML"):
         load_config(bad)
+    with pytest.raises(SokhanError, match="is a directory"):
+        load_config(tmp_path)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"# caf\xe9\n[train]\nsteps = 1\n")
+    with pytest.raises(SokhanError, match=r"latin1.toml: not UTF-8 \(byte 0xe9 at offset 5\)"):
+        load_config(latin1)
 
 
 def test_relative_corpus_paths_follow_the_config_file(tmp_path):

@@ -100,6 +100,44 @@ def test_bad_flags_are_one_line(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["evaluate", "--run-dir", str(run), "--set", "evaluate.stride=0"]) == 2
     assert "evaluate.stride" in capsys.readouterr().err
+    assert main(["evaluate", "--run-dir", str(run), "--text", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("the cat\nthe dog\ncaf\xe9\n".encode("latin-1"))
+    assert main(["evaluate", "--run-dir", str(run), "--text", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "line 3: not UTF-8 (byte 0xe9)" in err and "Traceback" not in err
+
+
+def test_stale_model_or_foreign_bundle_is_refused(tmp_path, monkeypatch):
+    """A model older than its run's tokenizer, or a bundle of another run, would score with the wrong ids."""
+    import sokhan.export.runtime as runtime
+    from sokhan import SokhanError
+    from sokhan.pipeline.stages.evaluate import evaluate
+
+    run, config = make_run(tmp_path, "mamba")
+    vocab = json.loads((run / "tokenize" / "meta.json").read_text(encoding="utf-8"))["vocab_size"]
+
+    class Loaded:  # all the check needs of a Decoder: it loads, and its vocabulary size matches
+        config = {"vocab_size": vocab}
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(runtime, "Decoder", Loaded)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    foreign = json.loads((run / "tokenize" / "tokenizer.json").read_text(encoding="utf-8"))
+    foreign["model"]["vocab"] = foreign["model"]["vocab"][::-1] if isinstance(foreign["model"]["vocab"], list) else {
+        k: len(foreign["model"]["vocab"]) - 1 - v for k, v in foreign["model"]["vocab"].items()}  # same size, other ids
+    (bundle / "tokenizer.json").write_text(json.dumps(foreign), encoding="utf-8")
+    with pytest.raises(SokhanError, match="not this run's"):
+        evaluate(config.evaluate, run / "tokenize", run / "train", bundle=bundle)
+
+    smaller = Tokenizer.train(iter([["a", "b", "c"]]), vocab_size=vocab - 20, min_frequency=1, segmenter=SegmenterConfig())
+    smaller.save(run / "tokenize")  # tokenize ran again after train
+    with pytest.raises(SokhanError, match="model is stale"):
+        evaluate(config.evaluate, run / "tokenize", run / "train")
 
 
 class StepDecoder:

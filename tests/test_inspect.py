@@ -101,3 +101,32 @@ def test_bad_input(tmp_path, runs, capsys):
     assert "--lang" in capsys.readouterr().err
     assert main(["inspect", "--run-dir", str(tmp_path / "nope"), "--text", SHIR]) == 2
     assert "has not finished" in capsys.readouterr().err
+    # With --lang an empty text used to plot the language tag alone, and --max-tokens 0 said "shorten the text".
+    assert main(["inspect", "--run-dir", str(run), "--text", "  ", "--lang", "fa"]) == 2
+    assert "nothing to inspect" in capsys.readouterr().err
+    assert main(["inspect", "--run-dir", str(run), "--text", SHIR, "--max-tokens", "0"]) == 2
+    assert "--max-tokens = 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_model_older_than_the_tokenizer_is_refused(tmp_path, runs, capsys):
+    """After `sokhan tokenize --set tokenize.vocab_size=...` the train stage is stale: its ids name other tokens.
+    inspect used to plot it anyway, labelled with the new tokenizer's pieces."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    from sokhan.pipeline.models import build
+    from sokhan.pipeline.stage import write_json
+    from sokhan.pipeline.train.checkpoint import model_config, save_model_folder
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["mamba"], run)
+    stored = json.loads((run / "train" / "config.json").read_text())
+    cfg = model_config(run / "train" / "config.json")
+    stored["model"]["vocab_size"] = cfg.vocab_size + 4
+    save_model_folder(run / "train", build(replace(cfg, vocab_size=cfg.vocab_size + 4)), stored)
+    write_json(run / "train" / "manifest.json", {"outputs": {"model.safetensors": "z"}})
+    assert main(["inspect", "--run-dir", str(run), "--text", SHIR, "--out", str(tmp_path / "png")]) == 2
+    err = capsys.readouterr().err
+    assert f"model vocabulary {cfg.vocab_size + 4} != tokenizer vocabulary {cfg.vocab_size}" in err and "stale" in err
+    assert not (tmp_path / "png").exists()

@@ -164,14 +164,21 @@ def test_next_words_exact_probabilities_on_a_known_chain():
         out[5] = 50.0 if text == "" else -1e9  # a special token the search must never take
         return out
 
-    def step(ids, state):
-        text = state + tok.decode([int(ids[0])])
-        return logits_for(text)[None], text
+    calls = []
 
-    got = dict(next_words(step, "", logits_for(""), tok, k=5, beam=4, split=lambda t: tok.segment(t, "en")))
+    def step(ids, state):  # a batch: one text per row
+        calls.append(len(ids))
+        texts = [t + tok.decode([int(i)]) for t, i in zip(state, ids, strict=True)]
+        return np.stack([logits_for(t) for t in texts]), texts
+
+    def take(state, rows):
+        return [state[r] for r in rows]
+
+    got = dict(next_words(step, [""], logits_for(""), tok, take=take, k=5, beam=4, split=lambda t: tok.segment(t, "en")))
     got = {w.strip(): p for w, p in got.items()}
     assert set(got) == {"a", "ab", "b"}
     assert got["a"] == pytest.approx(0.3) and got["ab"] == pytest.approx(0.3) and got["b"] == pytest.approx(0.4)
+    assert calls == [2, 1]  # one batched step per round: {"a", "b"}, then {"ab"}
 
 
 def test_first_word_boundaries():
@@ -278,3 +285,35 @@ def test_bad_bundle_through_the_cli_exits_2(bundle, tmp_path, capsys):
     assert main(["predict", "--bundle", str(broken), "--provider", "cpu", "hello"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sokhan: error:") and "decoder.onnx" in err[0]
+
+
+def test_bad_state_dtype_in_config_is_one_line(bundle, tmp_path):
+    def float64(cfg):
+        cfg["state"][0]["dtype"] = "float64"
+
+    broken = _broken(bundle, tmp_path, _edit_config("state", float64))
+    with pytest.raises(SokhanError, match=r"config\.json: state past_key_values\.0\.key has dtype 'float64'") as e:
+        Decoder(broken, provider="cpu")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["generate", "--prompt", "i saw", "--temperature", "nan"], "temperature = nan must be a finite number >= 0"),
+        (["generate", "--prompt", "i saw", "--temperature", "-1"], "temperature = -1.0 must be a finite number >= 0"),
+        (["generate", "--prompt", "i saw", "--temperature", "1", "--seed", "-1"], "seed = -1 must be >= 0"),
+        (["generate", "--prompt", ""], "empty prompt '': give at least one character"),
+        (["predict", "   "], "empty prompt '   ': give at least one character"),
+        (["predict", "-k", "0", "i saw"], "k = 0 must be >= 1"),
+    ],
+    ids=["temperature-nan", "temperature-negative", "seed-negative", "empty-prompt", "blank-prompt", "k-zero"],
+)
+def test_bad_generation_arguments_exit_2_in_one_line(bundle, capsys, argv, message):
+    """Each was a numpy/ValueError traceback (nan temperature, negative seed, k = 0) or, for an empty prompt, a
+    silent prediction from the language tag alone."""
+    from sokhan.pipeline.cli import main
+
+    assert main([argv[0], "--bundle", str(bundle), "--provider", "cpu", *argv[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sokhan: error:") and message in err[0], err

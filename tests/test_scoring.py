@@ -114,20 +114,23 @@ def test_word_starts_find_every_word(tokenizer):
     for pos, word in starts:
         rest = tokenizer.decode(text.tokens[pos : text.line_starts[np.searchsorted(text.line_starts, pos, "right")] - 1].tolist())
         assert rest.lstrip().startswith(word)
-    assert len(scoring.word_starts(tokenizer, text, limit=4, split=split)) == 4
+    spread = scoring.word_starts(tokenizer, text, limit=4, split=split)
+    assert len(spread) == 4 and spread[0] == starts[0] and spread[-1] == starts[-1]  # over all the text, not its start
+    assert set(spread) <= set(starts)
 
 
 class Oracle:
     """Next-word plumbing check: a 'model' that knows the stream and puts all its mass on the true next token.
 
-    Its state is the tuple of tokens seen since the last reset; it finds where that history ends in the stream.
+    Its state is a batch: per row the tuple of tokens seen since the last reset; it finds where that history
+    ends in the stream.
     """
 
     def __init__(self, tokens: np.ndarray, vocab: int, shift: int = 0):
         self.tokens, self.vocab, self.shift = tokens.tolist(), vocab, shift
 
     def init_state(self):
-        return ()
+        return [()]
 
     def _logits(self, hist: tuple) -> np.ndarray:
         out = np.zeros(self.vocab, np.float32)
@@ -139,15 +142,19 @@ class Oracle:
         return out
 
     def step(self, ids, state):
-        hist = state + (int(ids[0]),)
-        return self._logits(hist)[None], hist
+        hists = [h + (int(i),) for h, i in zip(state, ids, strict=True)]
+        return np.stack([self._logits(h) for h in hists]), hists
 
     def advance(self, ids, state):
-        hist = state + tuple(int(i) for i in ids)
-        return self._logits(hist), hist
+        (hist,) = state if state is not None else self.init_state()
+        hist = hist + tuple(int(i) for i in ids)
+        return self._logits(hist), [hist]
+
+    def take(self, state, rows):
+        return [state[r] for r in rows]
 
     def fns(self) -> scoring.ModelFns:
-        return scoring.ModelFns(self.init_state, self.step, self.advance)
+        return scoring.ModelFns(self.init_state, self.step, self.advance, self.take)
 
 
 def test_nextword_ranks_with_an_oracle(tokenizer):
@@ -160,21 +167,26 @@ def test_nextword_ranks_with_an_oracle(tokenizer):
     assert (wrong == 0).mean() < 0.2
 
 
-def test_torch_fns_step_leaves_state_alone():
+@pytest.mark.parametrize("arch", ["mamba", "transformer"])
+def test_torch_fns_take_branches_without_touching_the_state(arch):
+    """``take`` copies rows out (the search steps them in place); stepping a taken batch matches the full forward."""
     from sokhan.pipeline.models import ModelConfig, build
 
-    cfg = ModelConfig(arch="mamba", d_model=16, n_layers=1, vocab_size=11).resolve()
+    cfg = ModelConfig(arch=arch, d_model=16, n_layers=1, vocab_size=11, max_seq_len=16).resolve()
     model = build(cfg).eval()
     fns = scoring.torch_fns(model)
     ids = np.array([1, 4, 2, 7])
     logits, state = fns.advance(ids, fns.init_state())
     before = [t.clone() for t in state.tensors()]
-    a, _ = fns.step(np.array([3]), state)
-    b, _ = fns.step(np.array([3]), state)
-    np.testing.assert_array_equal(a, b)
+    a, _ = fns.step(np.array([3, 5]), fns.take(state, np.array([0, 0])))
+    b, _ = fns.step(np.array([3]), fns.take(state, np.array([0])))
     for x, y in zip(before, state.tensors()):
         assert torch.equal(x, y)
     with torch.no_grad():
         full = model(torch.as_tensor(np.append(ids, 3))[None])[0]
+        other = model(torch.as_tensor(np.append(ids, 5))[None])[0]
+    # float32 against float32: the step and the parallel forward sum in different orders
     np.testing.assert_allclose(logits, full[3].numpy(), atol=1e-4)
     np.testing.assert_allclose(a[0], full[4].numpy(), atol=1e-4)
+    np.testing.assert_allclose(a[1], other[4].numpy(), atol=1e-4)
+    np.testing.assert_allclose(b[0], a[0], atol=1e-5)

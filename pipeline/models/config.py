@@ -65,8 +65,10 @@ class ModelConfig:
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise SokhanError(f"config: model.{key} = {v} must be ≥ 1")
-        if not 0 < self.dt_min <= self.dt_max:
+        if not 0 < self.dt_min <= self.dt_max < math.inf:
             raise SokhanError(f"config: model.dt_min = {self.dt_min} must be > 0 and ≤ model.dt_max = {self.dt_max}")
+        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):  # RMSNorm divides by sqrt(mean² + eps)
+            raise SokhanError(f"config: model.norm_eps = {self.norm_eps} must be a finite number > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise SokhanError(f"config: model.dropout = {self.dropout} must be in [0, 1)")
         if self.d_model is not None and self.n_heads is not None and self.arch == "transformer" and self.d_model % self.n_heads:

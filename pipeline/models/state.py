@@ -28,6 +28,20 @@ class KVCache:
         *kv, position = tensors
         return cls(keys=list(kv[0::2]), values=list(kv[1::2]), position=position)
 
+    def take(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache whose row i is row ``rows[i]`` of this one (rows may repeat), e.g. a beam's hypotheses.
+
+        Copies only the entries written so far; the rest of the preallocated cache is left uninitialised.
+        """
+        n = int(self.position)
+
+        def gather(cache: torch.Tensor) -> torch.Tensor:
+            out = cache.new_empty((len(rows), *cache.shape[1:]))
+            out[:, :, :n] = cache[rows, :, :n]
+            return out
+
+        return KVCache([gather(k) for k in self.keys], [gather(v) for v in self.values], self.position.clone())
+
 
 @dataclass
 class MambaState:
@@ -46,3 +60,7 @@ class MambaState:
     @classmethod
     def from_tensors(cls, tensors: list[torch.Tensor]) -> "MambaState":
         return cls(conv_states=list(tensors[0::2]), ssm_states=list(tensors[1::2]))
+
+    def take(self, rows: torch.Tensor) -> "MambaState":
+        """A new state whose row i is row ``rows[i]`` of this one (rows may repeat), e.g. a beam's hypotheses."""
+        return MambaState([c[rows] for c in self.conv_states], [s[rows] for s in self.ssm_states])

@@ -11,9 +11,9 @@ normalized and tokenized with the run's tokenizer; without ``--lang`` each line'
 
 What the figures mean (also written into the report): see ``sokhan.pipeline.scoring``. In short, every token
 but the ``<|lang:xx|>`` tags is predicted, ``<|eos|>`` included, and a line's end counts as one character.
-Next-word accuracy: at the first ``nextword_words`` word starts of each language, the gold word (the segmenter's
-next word) is compared with the model's 5 most likely next words from ``sokhan.export.nextword.next_words``
-(a beam search over subword continuations, the search the runtime uses).
+Next-word accuracy: at ``nextword_words`` word starts spread evenly over each language's text, the gold word
+(the segmenter's next word) is compared with the model's 5 most likely next words from
+``sokhan.export.nextword.next_words`` (a beam search over subword continuations, the search the runtime uses).
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ class EvaluateConfig:
     max_tokens: int = 20000
     """Predicted tokens per language at most (whole lines, from the start of the held-out text)."""
     batch_size: int = 8
-    nextword_words: int = 100
-    """Word starts per language for next-word accuracy (0 = skip it; each costs a small beam search)."""
+    nextword_words: int = 400
+    """Word starts per language for next-word accuracy, spread evenly over the text (0 = skip it; each costs a
+    small beam search, one batched model step per subword of the words searched)."""
     nextword_beam: int = 8
     onnx_tokens: int = 256
     """With --bundle: tokens per language stepped through ONNX Runtime and compared with PyTorch."""
@@ -121,11 +122,18 @@ def _read_texts(files: list[Path], langs: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for i, path in enumerate(files):
         try:
-            raw = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except FileNotFoundError:
             raise SokhanError(f"--text {path}: no such file") from None
+        except IsADirectoryError:
+            raise SokhanError(f"--text {path}: is a directory; give a UTF-8 text file") from None
+        except OSError as e:
+            raise SokhanError(f"--text {path}: cannot read ({e.strerror or e})") from None
+        try:
+            raw = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise SokhanError(f"--text {path}: not UTF-8 ({e})") from None
+            line = data[: e.start].count(b"\n") + 1
+            raise SokhanError(f"--text {path}: line {line}: not UTF-8 (byte 0x{data[e.start]:02x})") from None
         for line in raw.splitlines():
             if not line.strip():
                 continue
@@ -180,6 +188,9 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, mcfg = load_model(train_dir, device=device)
     model.eval()
+    if mcfg.vocab_size != tokenizer.vocab_size:  # tokenize ran again after train: ids would index other rows
+        raise SokhanError(f"{train_dir}: the model's vocabulary ({mcfg.vocab_size}) differs from the tokenizer's "
+                          f"({tokenizer.vocab_size}) in {tok_dir}; the model is stale, run `sokhan run` first")
     run_cfg = read_json(train_dir / "config.json")
     window = cfg.window or int(run_cfg.get("train", {}).get("seq_len", 256))
     if mcfg.arch == "transformer":
@@ -198,6 +209,9 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
         from sokhan.export.runtime import Decoder
 
         decoder = Decoder(bundle, provider="cpu")
+        if (bundle / "tokenizer.json").read_bytes() != (tok_dir / "tokenizer.json").read_bytes():
+            raise SokhanError(f"{bundle}: its tokenizer.json is not this run's ({tok_dir / 'tokenizer.json'}); the bundle "
+                              "comes from another run or an older tokenizer: export this run again")
         if decoder.config["vocab_size"] != mcfg.vocab_size:
             raise SokhanError(f"{bundle}: vocab_size {decoder.config['vocab_size']} differs from the trained model's "
                               f"{mcfg.vocab_size}; export this run again")
@@ -244,8 +258,8 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
             "characters": "normalized characters + 1 per line (its end, which <|eos|> predicts)",
             "bits_per_character": "sum of NLL over predicted tokens in bits / characters",
             "nextword": f"beam search over subword continuations (sokhan.export.nextword.next_words, beam {cfg.nextword_beam}, "
-                        f"≤ 8 tokens), top-5 words compared with the segmenter's next word at the first "
-                        f"{cfg.nextword_words} word starts per language",
+                        f"≤ 8 tokens), top-5 words compared with the segmenter's next word at "
+                        f"{cfg.nextword_words} word starts per language, spread evenly over the text",
         },
         "languages": languages,
     }

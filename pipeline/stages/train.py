@@ -7,6 +7,7 @@ resumable, and ``best/``). Runs under ``torchrun --nproc_per_node N -m sokhan tr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +46,11 @@ class TrainConfig:
     """Which weights become RUN/train/model.safetensors: the last step's or the best by validation loss."""
 
     def __post_init__(self) -> None:
+        # TOML reads nan and inf as floats, and every comparison below is False for nan (grad_clip = nan would
+        # silently turn clipping off, lr = inf would pass and diverge at step 1).
+        for key in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, key)):
+                raise SokhanError(f"config: train.{key} = {getattr(self, key)} must be a finite number")
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "ckpt_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise SokhanError(f"config: train.{key} = {getattr(self, key)} must be ≥ 1")
