@@ -176,8 +176,12 @@ def write_metadata(path: Path, config: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def bundle_config(cfg: ModelConfig, special_tokens: dict[str, int], opset: int, prefill: bool) -> dict[str, Any]:
-    """``config.json`` of a bundle: what the runtime needs to drive the graph without torch."""
+def bundle_config(cfg: ModelConfig, special_tokens: dict[str, int], opset: int, prefill: bool,
+                  languages: list[str] | None = None) -> dict[str, Any]:
+    """``config.json`` of a bundle: what the runtime needs to drive the graph without torch.
+
+    ``languages``: those the model was trained on (the runtime warns about a prompt in another one).
+    """
     from sokhan.pipeline.config import to_dict
 
     return {
@@ -188,6 +192,7 @@ def bundle_config(cfg: ModelConfig, special_tokens: dict[str, int], opset: int, 
         "model": to_dict(cfg),
         "vocab_size": cfg.vocab_size,
         "special_tokens": special_tokens,
+        "languages": languages,
         "opset": opset,
         "decoder": DECODER,
         "prefill": "prefill.onnx" if prefill else None,

@@ -312,6 +312,7 @@ class Decoder:
         self.device = self.graph.device
         self.max_context: int | None = self.config.get("max_context")
         self.eos = self.config["special_tokens"].get(EOS)
+        self._warned: set[str] = set()  # prompt languages already warned about (outside the training languages)
 
     def init_state(self, batch_size: int = 1) -> DecodeState:
         return self.graph.init_state(batch_size)
@@ -340,6 +341,11 @@ class Decoder:
         from sokhan.tokenization import detect_language
 
         lang = lang or detect_language(text) or "en"
+        trained = self.config.get("languages")
+        if trained and lang not in trained and lang not in self._warned:
+            self._warned.add(lang)
+            print(f"sokhan: this model was trained on {', '.join(trained)} text only; a prompt in {lang} is outside them "
+                  "and its predictions will be poor", file=sys.stderr)
         ids = self.tokenizer.encode(text, lang=lang)
         if not ids:  # "" or only spaces: the language tag alone is no prompt (and prefill's own check never sees it)
             raise SokhanError(f"empty prompt {text!r}: give at least one character of text")

@@ -317,3 +317,17 @@ def test_bad_generation_arguments_exit_2_in_one_line(bundle, capsys, argv, messa
     assert main([argv[0], "--bundle", str(bundle), "--provider", "cpu", *argv[1:]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sokhan: error:") and message in err[0], err
+
+
+def test_prompt_outside_the_training_languages_warns_once(bundle, tmp_path, capsys):
+    """The bundle names the languages the model was trained on; a prompt in another gets one line on stderr."""
+    trained = json.loads((bundle / "config.json").read_text())["languages"]
+    assert trained and set(trained) <= {"fa", "zh", "en"}
+    only_fa = _broken(bundle, tmp_path, _edit_config("languages", ["fa"]))
+    d = Decoder(only_fa, provider="cpu")
+    d.next_words("the book", k=2, lang="en")
+    d.generate("the book", 2, lang="en")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on fa text only; a prompt in en is outside them" in err[0]
+    d.next_words("کتاب", k=2, lang="fa")
+    assert capsys.readouterr().err == ""

@@ -145,7 +145,7 @@ def run(ctx) -> dict:
     from sokhan.export import onnx as onnx_export
     from sokhan.export import parity, prefill, quantize
     from sokhan.export.runtime import CONFIG, DECODER, SEGMENTER, TOKENIZER, Decoder
-    from sokhan.pipeline.stage import atomic_write, log, write_json
+    from sokhan.pipeline.stage import atomic_write, log, read_json, write_json
     from sokhan.pipeline.train.checkpoint import load_model
     from sokhan.tokenization import Tokenizer
 
@@ -167,7 +167,9 @@ def run(ctx) -> dict:
     if cfg.prefill:
         log("export: tracing the prefill" + (" (scan over the prompt)" if mcfg.arch == "mamba" else ""))
         prefill.export_prefill(model, mcfg, bundle / "prefill.onnx", cfg.opset)
-    config = onnx_export.bundle_config(mcfg, tokenizer.special_tokens, cfg.opset, cfg.prefill)
+    trained = read_json(tok_dir / "meta.json").get("tokens", {}).get("train", {})
+    languages = [lang for lang, n in trained.items() if n] or None
+    config = onnx_export.bundle_config(mcfg, tokenizer.special_tokens, cfg.opset, cfg.prefill, languages)
     for graph in [DECODER] + (["prefill.onnx"] if cfg.prefill else []):
         onnx_export.write_metadata(bundle / graph, config)
     write_json(bundle / CONFIG, config)
