@@ -181,7 +181,7 @@ def word_starts(tokenizer, text: EncodedText, limit: int, split: Callable[[str],
 
     A position starts a word when the text of its line's tokens before it ends at a boundary of the segmenter's
     words (whitespace after the boundary is skipped, as ``nextword.first_word`` strips it) and not inside a
-    multi-byte character. The gold word is the first word of the rest of the line, cut by the same
+    multi-byte character; where whitespace is a token of its own, the position before it. The gold word is the first word of the rest of the line, cut by the same
     ``nextword.first_word``. Spread evenly (every k-th word start), not the first ``limit``, so that the figure
     covers all of the text.
     """
@@ -212,12 +212,17 @@ def word_starts(tokenizer, text: EncodedText, limit: int, split: Callable[[str],
             if n < len(full) and not full[n].isspace():
                 visible = n
             skip[n] = visible
-        offset = 0
+        offset, taken = 0, set()
         for j, piece in enumerate(pieces):
             at = char_at.get(offset)
             offset += len(piece)
-            if at is not None and is_word(word_at.get(skip[at], "")):  # None: inside a multi-byte character
-                candidates.append((a + j, full, skip[at]))
+            if at is None:
+                continue  # inside a multi-byte character
+            at = skip[at]
+            # A space token of its own gives a second position before the same word: the first one counts.
+            if at not in taken and is_word(word_at.get(at, "")):
+                taken.add(at)
+                candidates.append((a + j, full, at))
     if len(candidates) > limit:  # every k-th, then the gold word of those alone (a segmentation each)
         candidates = [candidates[k] for k in np.unique(np.linspace(0, len(candidates) - 1, limit).round().astype(np.int64))]
     out = []
@@ -303,3 +308,33 @@ def torch_fns(model) -> ModelFns:
         return logits[0, -1].float().cpu().numpy(), state
 
     return ModelFns(init_state, step, advance, take)
+
+
+def ngram_fns(ngram) -> ModelFns:
+    """A ``KneserNey`` model seen as ``ModelFns``, so that next-word search runs on it as on a neural model.
+
+    The state is a batch: per row the last ``order - 1`` tokens; logits are log-probabilities.
+    """
+    keep = max(ngram.order - 1, 0)
+
+    def last(history: tuple) -> tuple:
+        return history[-keep:] if keep else ()
+
+    def logits(history: tuple) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            return np.log(ngram.distribution(history))
+
+    def step(ids: np.ndarray, state):
+        rows = [last(h + (int(i),)) for h, i in zip(state, np.asarray(ids).reshape(-1), strict=True)]
+        return np.stack([logits(h) for h in rows]), rows
+
+    def advance(ids: np.ndarray, state):
+        (history,) = state if state is not None else [()]
+        history = last(history + tuple(int(i) for i in ids))
+        return logits(history), [history]
+
+    def take(state, rows: np.ndarray):
+        return [state[int(r)] for r in rows]
+
+    return ModelFns(lambda: [()], step, advance, take)
+

@@ -70,7 +70,8 @@ def test_stage_writes_report(tmp_path, arch, capsys):
         # The n-gram model has seen these words: it beats the untrained network.
         assert n["bits_per_character"] < m["bits_per_character"] and r["bpc_reduction"] < 0
         assert 0 <= m["top1"] <= m["top5"] <= 1 and 0 <= m["nextword_top1"] <= m["nextword_top5"] <= 1
-        assert m["nextword_words"] == 5
+        assert m["nextword_words"] == n["nextword_words"] == 5  # the n-gram searched at the same word starts
+        assert 0 <= n["nextword_top1"] <= n["nextword_top5"] <= 1
     md = (run / "evaluate" / "report.md").read_text(encoding="utf-8")
     assert "| fa | " in md and "5-gram KN" in md
     assert "bpc" in capsys.readouterr().out  # the table on the terminal

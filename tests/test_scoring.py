@@ -190,3 +190,24 @@ def test_torch_fns_take_branches_without_touching_the_state(arch):
     np.testing.assert_allclose(a[0], full[4].numpy(), atol=1e-4)
     np.testing.assert_allclose(a[1], other[4].numpy(), atol=1e-4)
     np.testing.assert_allclose(b[0], a[0], atol=1e-5)
+
+
+def test_nextword_ranks_on_the_ngram(tokenizer):
+    """The n-gram through ``ngram_fns``: counted on the very text it is asked about (often enough that discounting
+    leaves it confident), a 5-gram knows every next word but the ambiguous ones; counted on other text, hardly any."""
+    from sokhan.pipeline.ngram import KneserNey
+
+    text = scoring.encode_lines(tokenizer, LINES["en"], "en", split=split)
+    gold = scoring.word_starts(tokenizer, text, limit=100, split=split)
+    V = tokenizer.vocab_size
+    seen = scoring.ngram_fns(KneserNey(5, V).fit(np.tile(text.tokens, 20)))
+    ranks = scoring.nextword_ranks(seen, tokenizer, text, gold, window=64, split=split)
+    # "the cat" goes on with sat or ran. The text's first word has only the language tag before it, where
+    # Kneser-Ney's lower order counts contexts, not occurrences: any first word of a line is as likely.
+    assert (ranks == 0).mean() > 0.8 and (ranks[1:] < 2).all()
+    other = scoring.encode_lines(tokenizer, LINES["fa"], "fa", split=split)
+    unseen = scoring.ngram_fns(KneserNey(5, V).fit(np.tile(other.tokens, 20)))
+    assert (scoring.nextword_ranks(unseen, tokenizer, text, gold, window=64, split=split) == 0).mean() < 0.2
+    logits, state = seen.advance(text.tokens[:3], None)
+    assert logits.shape == (V,) and np.exp(logits).sum() == pytest.approx(1.0)
+    assert seen.take(state, np.array([0, 0])) == [state[0], state[0]] and len(state[0]) == 3

@@ -228,14 +228,15 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
         nll, rank = scoring.score_windows(forward, text.tokens, window, stride, cfg.batch_size)
         at = text.targets - 1  # score arrays are indexed by position - 1
         neural = scoring.summarize(text, nll[at], rank[at])
-        if cfg.nextword_words:
-            gold = scoring.word_starts(tokenizer, text, cfg.nextword_words)
-            ranks = scoring.nextword_ranks(fns, tokenizer, text, gold, window, beam=cfg.nextword_beam)
-            neural.nextword_top1 = float(np.mean(ranks < 1)) if len(ranks) else None
-            neural.nextword_top5 = float(np.mean(ranks < 5)) if len(ranks) else None
-            neural.nextword_words = len(ranks)
         n_logp, n_rank = ngram.score(text.tokens, text.targets)
         base = scoring.summarize(text, -n_logp, n_rank)
+        if cfg.nextword_words:
+            gold = scoring.word_starts(tokenizer, text, cfg.nextword_words)
+            for scores, model_fns in ((neural, fns), (base, scoring.ngram_fns(ngram))):
+                ranks = scoring.nextword_ranks(model_fns, tokenizer, text, gold, window, beam=cfg.nextword_beam)
+                scores.nextword_top1 = float(np.mean(ranks < 1)) if len(ranks) else None
+                scores.nextword_top5 = float(np.mean(ranks < 5)) if len(ranks) else None
+                scores.nextword_words = len(ranks)
         entry = {
             "model": asdict(neural),
             "ngram": asdict(base),
