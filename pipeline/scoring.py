@@ -13,6 +13,7 @@ that ``<|eos|>`` stands for), so bits per character = (sum of NLL over predicted
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -253,7 +254,9 @@ def nextword_ranks(
     """
     from sokhan.export.nextword import next_words
 
-    split = split or splitter(tokenizer, text.lang)
+    # The search segments every candidate continuation, and the same short ones (" the", "的") recur at every
+    # word start: segmentation (hazm, jieba) is most of its cost unless remembered.
+    split = functools.lru_cache(maxsize=1 << 16)(split or splitter(tokenizer, text.lang))
     ranks = np.full(len(positions), k, np.int64)
     state, fed, logits = None, 0, None  # fed: how many tokens ``state`` has consumed (None: a fresh start)
     p = 0  # the state has seen tokens[:p] (its last ``fed`` of them)
