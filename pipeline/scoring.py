@@ -182,9 +182,9 @@ def word_starts(tokenizer, text: EncodedText, limit: int, split: Callable[[str],
 
     A position starts a word when the text of its line's tokens before it ends at a boundary of the segmenter's
     words (whitespace after the boundary is skipped, as ``nextword.first_word`` strips it) and not inside a
-    multi-byte character; where whitespace is a token of its own, the position before it. The gold word is the first word of the rest of the line, cut by the same
-    ``nextword.first_word``. Spread evenly (every k-th word start), not the first ``limit``, so that the figure
-    covers all of the text.
+    multi-byte character; where whitespace is a token of its own, the position before it. The gold word is the
+    first word of the rest of the line, cut by the same ``nextword.first_word``. Spread evenly (every k-th word
+    start), not the first ``limit``, so that the figure covers all of the text.
     """
     from sokhan.export.nextword import first_word
 
@@ -192,38 +192,9 @@ def word_starts(tokenizer, text: EncodedText, limit: int, split: Callable[[str],
     candidates: list[tuple[int, str, int]] = []  # (position, its line's text, where in it the word starts)
     for i in range(len(text.lines)):
         a, b = int(text.line_starts[i]) + 1, int(text.line_starts[i + 1]) - 1  # the line's own tokens [a, b)
-        # Byte-level tokens: a prefix's text is its bytes decoded, whole characters only where its byte length
-        # falls on a character boundary. Lengths, not a decode per prefix (quadratic on a long Chinese line).
         pieces = [tokenizer.id_to_bytes(t) for t in text.tokens[a:b].tolist()]
         full = b"".join(pieces).decode("utf-8", errors="replace")
-        char_at, offset = {0: 0}, 0  # byte offset of each character boundary -> character index
-        for n, ch in enumerate(full):
-            offset += len(ch.encode())
-            char_at[offset] = n + 1
-        word_at, cursor = {}, 0  # character index where a segmenter word starts -> the word
-        for w in split(full):
-            at = full.find(w, cursor)
-            if at < 0:
-                break
-            word_at[at] = w
-            cursor = at + len(w)
-        visible = len(full)  # the first non-space character at or after each index, filled from the end
-        skip = [0] * (len(full) + 1)
-        for n in range(len(full), -1, -1):
-            if n < len(full) and not full[n].isspace():
-                visible = n
-            skip[n] = visible
-        offset, taken = 0, set()
-        for j, piece in enumerate(pieces):
-            at = char_at.get(offset)
-            offset += len(piece)
-            if at is None:
-                continue  # inside a multi-byte character
-            at = skip[at]
-            # A space token of its own gives a second position before the same word: the first one counts.
-            if at not in taken and is_word(word_at.get(at, "")):
-                taken.add(at)
-                candidates.append((a + j, full, at))
+        candidates += [(a + j, full, at) for j, at in _starts_in_line(pieces, full, split)]
     if len(candidates) > limit:  # every k-th, then the gold word of those alone (a segmentation each)
         candidates = [candidates[k] for k in np.unique(np.linspace(0, len(candidates) - 1, limit).round().astype(np.int64))]
     out = []
@@ -231,6 +202,43 @@ def word_starts(tokenizer, text: EncodedText, limit: int, split: Callable[[str],
         gold = first_word(full[at:], split, final=True)
         if gold and is_word(gold):
             out.append((position, gold))
+    return out
+
+
+def _starts_in_line(pieces: list[bytes], full: str, split: Callable[[str], list[str]]) -> list[tuple[int, int]]:
+    """(token index j, character index) for each word of ``full`` (the line, ``pieces`` its tokens' bytes) that a
+    token starts at or before, skipping whitespace; the first such token only.
+
+    Byte-level tokens: a prefix's text is its bytes decoded, whole characters only where its byte length falls on
+    a character boundary. Lengths, not a decode per prefix (that is quadratic on a long Chinese line).
+    """
+    char_at, offset = {0: 0}, 0  # byte offset of each character boundary -> character index
+    for n, ch in enumerate(full):
+        offset += len(ch.encode())
+        char_at[offset] = n + 1
+    word_at, cursor = {}, 0  # character index where a segmenter word starts -> the word
+    for w in split(full):
+        at = full.find(w, cursor)
+        if at < 0:
+            break
+        word_at[at] = w
+        cursor = at + len(w)
+    skip, visible = [0] * (len(full) + 1), len(full)  # the first non-space character at or after each index
+    for n in range(len(full), -1, -1):
+        if n < len(full) and not full[n].isspace():
+            visible = n
+        skip[n] = visible
+    out, taken, offset = [], set(), 0
+    for j, piece in enumerate(pieces):
+        at = char_at.get(offset)
+        offset += len(piece)
+        if at is None:
+            continue  # inside a multi-byte character
+        at = skip[at]
+        # A space token of its own gives a second position before the same word: the first one counts.
+        if at not in taken and is_word(word_at.get(at, "")):
+            taken.add(at)
+            out.append((j, at))
     return out
 
 
