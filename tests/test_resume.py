@@ -107,3 +107,40 @@ def test_resume_flag_without_an_interrupted_run_is_an_error(base, tmp_path):
 
     with pytest.raises(SokhanError, match="--resume: no checkpoint of an interrupted run"):
         run_stage("train", tiny_config(), run, args=argparse.Namespace(resume=True))
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(base, tmp_path, monkeypatch, capsys):
+    """Checkpoint 6 cut short on disk: the run resumes from 4, warns once naming 6, and still ends bit for bit
+    where the uninterrupted run does. With every checkpoint damaged it says so in one line."""
+    cfg = tiny_config("train.steps=10", "train.ckpt_every=2", "train.eval_every=3")
+    run_stage("train", cfg, _copy(base, tmp_path / "whole"))
+
+    run = _copy(base, tmp_path / "killed")
+    real = ckpt.save_checkpoint
+
+    def save_then_die(root, step, *args, **kwargs):
+        out = real(root, step, *args, **kwargs)
+        if step == 6:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("train", cfg, run)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    root = run / "train.partial" / "checkpoints"
+    weights = ckpt.step_dir(root, 6) / ckpt.MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[:100])
+    keep = tmp_path / "copy-before-resume"
+    shutil.copytree(run, keep)
+
+    resumed = run_stage("train", cfg, run)
+    assert resumed["metrics"]["resumed_from_step"] == 4
+    err = capsys.readouterr().err
+    assert err.count("cannot resume from") == 1 and "step_000006" in err
+    _assert_same_run(tmp_path / "whole" / "train", run / "train")
+
+    for _, folder in ckpt.checkpoints(keep / "train.partial" / "checkpoints"):
+        (folder / ckpt.MODEL_FILE).write_bytes(b"")
+    with pytest.raises(SokhanError, match="no readable checkpoint to resume from .*--force"):
+        run_stage("train", cfg, keep)

@@ -160,6 +160,27 @@ def _diverged(what: str, step: int, root: Path, cfg) -> SokhanError:
     return SokhanError(f"train: {what} at step {step}; stopped ({where}). Lower train.lr (now {cfg.lr}) or raise train.warmup_steps")
 
 
+def _load_newest_readable(found: list[tuple[int, Path]], model, optimizer) -> dict[str, Any]:
+    """Load the newest of ``found`` (step, folder) that reads back whole; returns its trainer state.
+
+    A checkpoint damaged after it was written (a disk filling up, a copy cut short) costs the steps since the one
+    before it, not the run: each unreadable one is named in a warning and the one before it is tried.
+    """
+    errors = []
+    for step, folder in reversed(found):
+        try:
+            state = ckpt.load_checkpoint(folder, model, optimizer)
+        except SokhanError as e:
+            errors.append(str(e))
+            log(f"train: warning: cannot resume from {folder} ({e}); trying the checkpoint before it")
+            continue
+        if int(state["step"]) != step:
+            raise SokhanError(f"{folder}: trainer state says step {state['step']}, the folder name step {step}")
+        return state
+    raise SokhanError(f"no readable checkpoint to resume from in {found[-1][1].parent} ({errors[0]}); "
+                      "rerun with --force to start afresh")
+
+
 def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, world, device) -> dict[str, Any]:
     from sokhan.pipeline.models import build
 
@@ -187,10 +208,12 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
 
     root = out / "checkpoints"
     found = ckpt.checkpoints(root) if (resume and world.main) else []
-    start = ddp.broadcast_int(found[-1][0] if found else 0, world, device)
+    state = _load_newest_readable(found, model, optimizer) if found else None
+    start = ddp.broadcast_int(state["step"] if state else 0, world, device)
     best_val, best_step = math.inf, None
     if start:
-        state = ckpt.load_checkpoint(ckpt.step_dir(root, start), model, optimizer)
+        if state is None:  # the other ranks load what rank 0 chose
+            state = ckpt.load_checkpoint(ckpt.step_dir(root, start), model, optimizer)
         batches.load_state(state["data"])
         best_val = state.get("best_val_loss") if state.get("best_val_loss") is not None else math.inf
         best_step = state.get("best_step")
