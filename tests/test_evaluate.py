@@ -129,8 +129,8 @@ def test_stale_model_or_foreign_bundle_is_refused(tmp_path, monkeypatch):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     foreign = json.loads((run / "tokenize" / "tokenizer.json").read_text(encoding="utf-8"))
-    foreign["model"]["vocab"] = foreign["model"]["vocab"][::-1] if isinstance(foreign["model"]["vocab"], list) else {
-        k: len(foreign["model"]["vocab"]) - 1 - v for k, v in foreign["model"]["vocab"].items()}  # same size, other ids
+    pieces = foreign["model"]["vocab"]  # the default tokenizer is stored as a Unigram model: a list of pieces
+    pieces[-1], pieces[-2] = pieces[-2], pieces[-1]  # same size, two ids swapped
     (bundle / "tokenizer.json").write_text(json.dumps(foreign), encoding="utf-8")
     with pytest.raises(SokhanError, match="not this run's"):
         evaluate(config.evaluate, run / "tokenize", run / "train", bundle=bundle)
