@@ -11,7 +11,9 @@ Five ways to produce the next token at batch 1 after ``context`` tokens, with un
   the input state kept, a new one allocated), and ``mamba_onnx_loop`` through ``StepLoop``, the in-place loop
   ``Decoder.generate`` uses;
 - ``mamba_eager``: PyTorch ``MambaLM.step`` (default kernel dispatch);
-- ``transformer_onnx``: the exported transformer step with a KV cache of ``context`` entries;
+- ``transformer_onnx``: the exported transformer step with a KV cache of ``context`` entries, through the step API
+  (the cache copied into a new ``present``), and ``transformer_onnx_loop`` through ``CacheLoop``, the loop
+  ``Decoder.generate`` uses: one buffer per cache bound as past and present, appended in place;
 - ``transformer_eager``: PyTorch ``Transformer.step`` on its preallocated KV cache at position ``context``;
 - ``transformer_nocache_onnx`` / ``_eager``: no cache, the whole ``context + 1`` tokens recomputed for one token
   (the prefill graph / ``forward``): the quadratic cost a cache avoids.
@@ -41,7 +43,7 @@ import torch
 from sokhan.export.onnx import export_decoder, state_layout
 from sokhan.export.prefill import export_prefill
 from sokhan.export.quantize import to_int8
-from sokhan.export.runtime import StepGraph, StepLoop, open_session, state_specs
+from sokhan.export.runtime import CacheLoop, StepGraph, StepLoop, open_session, state_specs
 from sokhan.pipeline.models import ModelConfig, build
 from sokhan.pipeline.stage import write_json
 
@@ -122,12 +124,19 @@ def bench_mamba_prefill(prefill, graph: StepGraph, prompts: list[int], reps: int
 
 
 def bench_transformer(cfg: ModelConfig, model, graph: StepGraph, prefill, contexts: list[int], reps: int, rng) -> dict:
-    out: dict[str, dict[int, float]] = {k: {} for k in
-                                        ("transformer_onnx", "transformer_eager", "transformer_nocache_onnx", "transformer_nocache_eager")}
+    out: dict[str, dict[int, float]] = {k: {} for k in ("transformer_onnx", "transformer_onnx_loop", "transformer_eager",
+                                                        "transformer_nocache_onnx", "transformer_nocache_eager")}
     token = np.array([7])
     for c in contexts:
         state = graph.state_from_numpy(random_state(cfg, c, rng), position=c)
         out["transformer_onnx"][c] = median_ms(lambda: graph.step(token, state), reps)
+        loop = CacheLoop(graph, state, capacity=cfg.max_seq_len)
+
+        def loop_step():
+            loop.position = c  # as eager below: every call decodes the token at position c
+            loop.step(token)
+
+        out["transformer_onnx_loop"][c] = median_ms(loop_step, reps)
 
         cache = model.init_state(1)
         for k, v in zip(cache.keys, cache.values):
@@ -225,8 +234,7 @@ def main() -> None:
             summary["mamba_onnx_2048_over_64"] = results["mamba_onnx"][2048] / results["mamba_onnx"][64]
         for arch in ("mamba", "transformer"):
             summary[f"{arch}_onnx_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx"][c] for c in cs}
-            if arch == "mamba":
-                summary["mamba_onnx_loop_speedup_over_eager"] = {c: results["mamba_eager"][c] / results["mamba_onnx_loop"][c] for c in cs}
+            summary[f"{arch}_onnx_loop_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx_loop"][c] for c in cs}
             summary[f"{arch}_onnx_int8_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx_int8"][c] for c in cs}
         report = common | {"ms_per_token": {k: {str(c): round(v, 4) for c, v in s.items()} for k, s in results.items()},
                            "summary": summary}

@@ -8,7 +8,9 @@ onnxruntime-genai and optimum use:
   ``present.{i}.recurrent_state``.
 - Transformer: ``input_ids`` (B, 1), ``position_ids`` (B, 1) and per layer ``past_key_values.{i}.key`` /
   ``.value`` (B, nh, P, hs) -> ``logits`` (B, V), ``present.{i}.key`` / ``.value`` (B, nh, P + 1, hs). The
-  transformer graph is ``forward_with_past`` (concatenation), so P is a dynamic axis and P = 0 starts a sequence.
+  transformer graph is ``forward_with_past`` for one token, so P is a dynamic axis and P = 0 starts a sequence;
+  its attention is ONNX Runtime's ``GroupQueryAttention`` (``sokhan.export.gqa``), which also appends in place
+  when past and present are bound to one buffer of fixed capacity (``runtime.CacheLoop``).
 
 The export traces under ``dispatch.use("reference")`` (plain PyTorch ops), with example batch 2 and past 3: the
 dynamo exporter specialises any axis whose example size is 0 or 1, so the examples must be at least 2.
@@ -80,6 +82,42 @@ class TransformerStep(nn.Module):
         return (logits[:, -1], *[t for kv in present for t in kv])
 
 
+class TransformerGQAStep(nn.Module):
+    """input_ids, position_ids (B, 1), past k/v (B, nh, P, hs) -> logits (B, V), present (B, nh, P + 1, hs).
+
+    ``Transformer.forward_with_past`` for one token, its attention through ``GroupQueryAttention``
+    (``sokhan.export.gqa``), which can append to a cache in place: the blocks' own modules, wired as
+    ``Block.forward_with_past`` wires them. For head sizes the contrib kernel takes (``gqa.usable``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        from sokhan.export.gqa import group_query_attention
+
+        m = self.model
+        seqlens_k = position_ids[:, -1].to(torch.int32)  # (B,): the new token's index in its row
+        total = (seqlens_k.max() + 1).to(torch.int32)
+        x = m.embeddings(input_ids)  # (B, 1, C)
+        present = []
+        for block, key, value in zip(m.layers, past[0::2], past[1::2]):
+            attn = block.attn
+            y, key, value = group_query_attention(attn.c_attn(block.norm_1(x)), key, value, seqlens_k, total,
+                                                  m.rotary.cos, m.rotary.sin, attn.n_heads)
+            x = block._with_mlp(x, attn.c_proj(y))
+            present += [key, value]
+        return (m._logits(x[:, -1]), *present)
+
+
+def kv_share_buffer(cfg: ModelConfig) -> bool:
+    """Whether the step graph can append to its KV cache in place (its attention is ``GroupQueryAttention``)."""
+    from sokhan.export.gqa import usable
+
+    return cfg.arch == "transformer" and usable(cfg.d_model // cfg.n_heads)
+
+
 def _example_state(model: nn.Module, cfg: ModelConfig) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     shapes = [[EXAMPLE_BATCH if d == "batch" else EXAMPLE_PAST if d == "past" else d for d in s["shape"]] for s in state_layout(cfg)]
@@ -102,7 +140,7 @@ def export_decoder(model: nn.Module, cfg: ModelConfig, path: Path, opset: int = 
         dynamic: dict = {"input_ids": {0: batch}, "state": [{0: batch} for _ in layout]}
     else:
         past = Dim("past", min=0, max=cfg.max_seq_len - 1)
-        wrapper = TransformerStep(model)
+        wrapper = TransformerGQAStep(model) if kv_share_buffer(cfg) else TransformerStep(model)
         args = (ids, torch.full((EXAMPLE_BATCH, 1), EXAMPLE_PAST), state)
         dynamic = {"input_ids": {0: batch}, "position_ids": {0: batch}, "past": [{0: batch, 2: past} for _ in layout]}
         names_in.insert(1, "position_ids")
@@ -129,6 +167,7 @@ def export_graph(wrapper: nn.Module, args: tuple, dynamic: dict, names_in: list[
     file), with the ``dynamic`` axes checked to have come out dynamic."""
     import onnx
 
+    from sokhan.export.gqa import TRANSLATION as GQA_TRANSLATION
     from sokhan.kernels import dispatch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +182,7 @@ def export_graph(wrapper: nn.Module, args: tuple, dynamic: dict, names_in: list[
             torch.onnx.export(
                 wrapper, args, str(tmp), input_names=names_in, output_names=names_out, opset_version=opset,
                 dynamo=True, dynamic_shapes=dynamic, external_data=False,
-                custom_translation_table={torch.ops.aten.softplus.default: _softplus},
+                custom_translation_table={torch.ops.aten.softplus.default: _softplus, **GQA_TRANSLATION},
             )
     finally:
         log.setLevel(level)
@@ -197,6 +236,8 @@ def bundle_config(cfg: ModelConfig, special_tokens: dict[str, int], opset: int, 
         "decoder": DECODER,
         "prefill": "prefill.onnx" if prefill else None,
         "uses_position_ids": cfg.arch == "transformer",
+        # The step graph appends to a KV cache in place when past and present share a buffer (runtime.CacheLoop).
+        "kv_share_buffer": kv_share_buffer(cfg),
         "max_context": cfg.max_seq_len if cfg.arch == "transformer" else None,
         "state": state_layout(cfg),
         "variants": {},

@@ -52,7 +52,10 @@ def to_int8(src: Path, dst: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(str(plain), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        # onnx's shape inference knows no types for the outputs of the transformer's contrib attention node
+        # (sokhan.export.gqa); everything in these graphs is float32, so that is the type the quantizer may assume.
+        quantize_dynamic(str(plain), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         root.setLevel(level)
         plain.unlink(missing_ok=True)

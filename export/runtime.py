@@ -7,7 +7,8 @@ bad bundle fails with one line naming the file and the problem, not inside a ses
 
 The state stays an ONNX Runtime ``OrtValue`` between steps, bound with IOBinding: on CUDA it never leaves the
 device; only the logits come back to the host. ``StepGraph.step`` keeps its input state (beam search branches from
-it); ``StepLoop``, which ``Decoder.generate`` uses for Mamba's fixed-size state, steps one state in place. This
+it); ``StepLoop`` (Mamba's fixed-size state) and ``CacheLoop`` (the transformer's KV cache), which
+``Decoder.generate`` uses, step one state in place. This
 module imports numpy, onnxruntime and ``sokhan.tokenization``, never torch (a test runs it in a fresh interpreter
 and checks ``sys.modules``).
 """
@@ -272,6 +273,59 @@ class StepLoop:
         return self.graph.state_from_numpy([t.numpy() for t in self.buffers[self.current]], self.position)
 
 
+class CacheLoop:
+    """Stepping one sequence forward with its KV cache updated in place: the transformer's ``StepLoop``.
+
+    The transformer's step graph attends through ``GroupQueryAttention`` (``sokhan.export.gqa``), which appends
+    the new key and value in place when ``past`` and ``present`` are the same buffer. So the loop allocates each
+    cache once, ``capacity`` entries long (the positions it may still reach), copies the state's ``position``
+    entries in, and binds every buffer as both input and output; a step writes one row per layer instead of
+    copying the cache, and its cost no longer grows with the copy. The bundle says its graph can do this
+    (``config.json``: ``"kv_share_buffer": true``); graphs from before are stepped through ``StepGraph.step``.
+    """
+
+    def __init__(self, graph: StepGraph, state: DecodeState, capacity: int) -> None:
+        import onnxruntime as ort
+
+        if not graph.uses_position_ids:
+            raise SokhanError("CacheLoop: this graph keeps no KV cache; use StepLoop")
+        if capacity < state.position:
+            raise SokhanError(f"CacheLoop: capacity {capacity} is less than the state's {state.position} entries")
+        self.graph, self.position, self.capacity, batch = graph, state.position, capacity, state.batch_size
+        self.buffers = []
+        for t in state.tensors:
+            host = t.numpy()  # (B, nh, position, hs)
+            buf = np.zeros((*host.shape[:2], capacity, host.shape[3]), dtype=host.dtype)
+            buf[:, :, : self.position] = host
+            self.buffers.append(ort.OrtValue.ortvalue_from_numpy(buf, graph.device, 0))
+        self.ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64))  # host memory, updated in place
+        self.positions = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64))
+        vocab = graph.session.get_outputs()[0].shape[-1]
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, vocab), np.float32, "cpu", 0)
+        self.io = graph.session.io_binding()
+        self.io.bind_ortvalue_input("input_ids", self.ids)
+        self.io.bind_ortvalue_input("position_ids", self.positions)
+        self.io.bind_ortvalue_output("logits", self.logits)
+        for spec, value in zip(graph.specs, self.buffers):
+            self.io.bind_ortvalue_input(spec.input, value)
+            self.io.bind_ortvalue_output(spec.output, value)
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """One token per row: ``ids`` (B,) -> logits (B, V) (a copy); the cache grows by one entry in place."""
+        if self.position >= self.capacity:
+            raise SokhanError(f"CacheLoop: the cache holds {self.capacity} entries and all are used")
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1, 1)
+        self.ids.update_inplace(ids)
+        self.positions.update_inplace(np.full_like(ids, self.position))
+        self.graph.session.run_with_iobinding(self.io)
+        self.position += 1
+        return self.logits.numpy().copy()
+
+    def state(self) -> DecodeState:
+        """The current state, copied out (the ``position`` filled entries of each cache)."""
+        return self.graph.state_from_numpy([t.numpy()[:, :, : self.position] for t in self.buffers], self.position)
+
+
 class Decoder:
     """An exported bundle, ready to generate text and predict next words.
 
@@ -392,15 +446,23 @@ class Decoder:
         rng = np.random.default_rng(seed)
         ids = self.encode_prompt(prompt, lang)
         logits, state = self.prefill(ids)
-        # A recurrent state of fixed size is stepped in place (StepLoop); a KV cache through the step API.
-        loop = None if self.config["uses_position_ids"] else StepLoop(self.graph, state)
+        # Stepped in place: a recurrent state of fixed size by StepLoop, a KV cache by CacheLoop where the graph
+        # can append in place (else through the step API, which copies the cache every token).
+        if not self.config["uses_position_ids"]:
+            loop: StepLoop | CacheLoop | None = StepLoop(self.graph, state)
+        elif self.config.get("kv_share_buffer"):
+            reach = state.position + max_new_tokens
+            loop = CacheLoop(self.graph, state, min(reach, self.max_context) if self.max_context else reach)
+        else:
+            loop = None
         new: list[int] = []
         for n in range(max_new_tokens):
             token = int(sample(logits, temperature, top_k, rng)[0])
             if token == self.eos:
                 break
             new.append(token)
-            if n + 1 == max_new_tokens or (self.max_context is not None and state.position >= self.max_context):
+            position = loop.position if loop is not None else state.position
+            if n + 1 == max_new_tokens or (self.max_context is not None and position >= self.max_context):
                 break
             if loop is not None:
                 logits = loop.step(np.array([token]))

@@ -15,7 +15,7 @@ import pytest
 
 from sokhan import SokhanError
 from sokhan.export.nextword import INVALID, first_word, next_words
-from sokhan.export.runtime import Decoder, StepLoop
+from sokhan.export.runtime import CacheLoop, Decoder, StepLoop
 from tiny_bundle import FULL, tiny_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def decoder(bundle) -> Decoder:
 
 @pytest.mark.parametrize("arch", ["transformer", "mamba"])
 def test_greedy_generation_is_the_torch_greedy_continuation(arch):
-    """Through the step API (transformer) and generate's in-place StepLoop (Mamba)."""
+    """Through generate's in-place loops: CacheLoop (transformer) and StepLoop (Mamba)."""
     import torch
 
     from sokhan.pipeline.train.checkpoint import load_model
@@ -79,6 +79,31 @@ def test_step_loop_is_the_step_api_in_place():
 def test_step_loop_refuses_a_kv_cache(decoder):
     with pytest.raises(SokhanError, match="KV cache"):
         StepLoop(decoder.graph, decoder.init_state(1))
+
+
+@pytest.mark.parametrize("graph", ["decoder.onnx", "decoder.fp16.onnx", "decoder.int8.onnx"])
+def test_cache_loop_is_the_step_api_in_place(graph):
+    """CacheLoop (the KV cache appended in place) gives the step API's logits and cache, for every variant."""
+    dec = Decoder(tiny_bundle("transformer", *FULL), provider="cpu", graph=graph)
+    assert dec.config["kv_share_buffer"]
+    _, state = dec.prefill(dec.encode_prompt("we saw the house", "en"), batch_size=2)
+    loop = CacheLoop(dec.graph, state, capacity=state.position + 5)
+    for row in ([5, 9], [17, 17], [3, 8], [9, 5]):
+        want, state = dec.step(np.array(row), state)
+        np.testing.assert_allclose(loop.step(np.array(row)), want, atol=1e-5, rtol=0)
+    snapshot = loop.state()
+    assert snapshot.position == state.position and snapshot.batch_size == 2
+    for a, b in zip(snapshot.tensors, state.tensors):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, rtol=0)
+    loop.step(np.array([1, 1]))  # the fifth entry: the cache is full
+    with pytest.raises(SokhanError, match="all are used"):
+        loop.step(np.array([1, 1]))
+
+
+def test_cache_loop_refuses_a_recurrent_state():
+    dec = Decoder(tiny_bundle("mamba"), provider="cpu")
+    with pytest.raises(SokhanError, match="no KV cache"):
+        CacheLoop(dec.graph, dec.init_state(1), capacity=4)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(decoder):
