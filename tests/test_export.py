@@ -50,6 +50,9 @@ def test_bundle_holds_every_file(arch):
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta[METADATA_KEY])["state"] == cfg["state"]
     assert model.opset_import[0].version == 18
+    # The transformer's step can append to its caches in place (GroupQueryAttention); the bundle says so and how.
+    assert cfg["kv_share_buffer"] == (arch == "transformer")
+    assert ("GroupQueryAttention" in (bundle / "README.md").read_text()) == (arch == "transformer")
 
 
 def test_mamba_graph_names_and_dynamic_axes():

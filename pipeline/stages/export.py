@@ -136,6 +136,15 @@ call, and pass each `present.*` output back as the matching `past_key_values.*` 
 """
 
 
+IN_PLACE = """
+
+The attention is ONNX Runtime's `GroupQueryAttention` contrib node (domain `com.microsoft`), so the graph needs
+ONNX Runtime. It can also append to the caches in place, as onnxruntime-genai does: allocate each cache once at
+the length you will reach, (batch, heads, length, head_dim), and with IOBinding bind the same buffer as
+`past_key_values.*` and as `present.*`; each call then writes its token's key and value at `position_ids`
+instead of copying the cache into a new `present` (what `Decoder.generate` does)."""
+
+
 def run(ctx) -> dict:
     import shutil
 
@@ -229,7 +238,8 @@ def run(ctx) -> dict:
         pos=", `position_ids` (batch, 1) int64" if transformer else "", steps=cfg.parity_steps,
         diff=report["max_abs_diff"], same=report["tokens_identical"],
         past=" and `past` 0 (the key/value caches start empty)" if transformer else "",
-        posnote=f" `position_ids` is the token's index in the sequence (0 for the first), below {mcfg.max_seq_len}." if transformer else "",
+        posnote=(f" `position_ids` is the token's index in the sequence (0 for the first), below {mcfg.max_seq_len}."
+                 + (IN_PLACE if config.get("kv_share_buffer") else "")) if transformer else "",
     ))
     onnx.checker.check_model(str(bundle / DECODER), full_check=True)
     return {
