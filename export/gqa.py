@@ -1,8 +1,8 @@
 """ONNX Runtime's ``GroupQueryAttention`` contrib op (``com.microsoft``) for the transformer's one-token step.
 
 Written out in plain ONNX ops, a step's attention concatenates ``past_key_values`` and the new key into a new
-``present`` tensor: a copy of the whole cache at every token, plus some twenty small nodes per layer for the
-rotary and the mask. ``GroupQueryAttention`` does the rotary, the append and the masked attention in one node, and
+``present`` tensor: a copy of the whole cache at every token, plus some thirty small nodes per layer for the
+rotary, the mask and the head reshapes. ``GroupQueryAttention`` does the rotary, the append and the masked attention in one node, and
 when the caller binds the same buffer as ``past`` and ``present`` (capacity ``max_length`` along the sequence
 axis) it writes the new key and value in place: the loop onnxruntime-genai runs. Without shared buffers it
 behaves as the written-out graph does (``present`` = ``past`` + 1 entries), so one graph serves both.
@@ -25,6 +25,8 @@ import math
 import torch
 
 from sokhan.pipeline.models.layers import apply_rotary
+
+OP, DOMAIN = "GroupQueryAttention", "com.microsoft"
 
 
 def usable(head_dim: int) -> bool:
@@ -89,9 +91,6 @@ def _register_schema() -> None:
         OP, DOMAIN, 1, inputs=inputs, outputs=outputs, attributes=attrs,
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
     ))
-
-
-OP, DOMAIN = "GroupQueryAttention", "com.microsoft"
 
 
 def _translate(qkv, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, num_heads: int):
