@@ -2,9 +2,9 @@
 
 Written out in plain ONNX ops, a step's attention concatenates ``past_key_values`` and the new key into a new
 ``present`` tensor: a copy of the whole cache at every token, plus some thirty small nodes per layer for the
-rotary, the mask and the head reshapes. ``GroupQueryAttention`` does the rotary, the append and the masked attention in one node, and
-when the caller binds the same buffer as ``past`` and ``present`` (capacity ``max_length`` along the sequence
-axis) it writes the new key and value in place: the loop onnxruntime-genai runs. Without shared buffers it
+rotary, the mask and the head reshapes. ``GroupQueryAttention`` does the rotary, the append and the masked
+attention in one node, and when the caller binds the same buffer as ``past`` and ``present`` (capacity
+``max_length`` along the sequence axis) it writes the new key and value in place: the loop onnxruntime-genai runs. Without shared buffers it
 behaves as the written-out graph does (``present`` = ``past`` + 1 entries), so one graph serves both.
 
 How the graph says where a row is: ``seqlens_k`` (B,) int32 is the index of the row's newest token (its
