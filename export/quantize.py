@@ -19,14 +19,19 @@ INT8 = "decoder.int8.onnx"
 
 
 def to_fp16(src: Path, dst: Path) -> None:
-    """Weights and arithmetic in float16; inputs, outputs and the state stay float32 (casts at the edges).
+    """Weights, arithmetic and the state in float16; the logits stay float32.
 
-    The graph's interface does not change, so the runtime drives it like the float32 one.
+    The state tensors are float16 at the graph's edges too: the graph computes them in float16 anyway, and a
+    float32 state would be cast in and out every step, copying a KV cache twice a token and keeping the cache
+    from being appended in place (``runtime.CacheLoop``). The runtime takes each state tensor's type from the
+    graph it opens.
     """
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=False)
+    model = onnx.load(str(src))
+    keep = ["logits"] + [i.name for i in model.graph.input if i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT]
+    model = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=False)
     tmp = dst.with_name(f".{dst.name}.tmp")
     onnx.save(model, str(tmp))
     tmp.replace(dst)

@@ -168,6 +168,21 @@ def check_graph(session, cfg: dict[str, Any], specs: list[StateSpec], path: Path
                 raise SokhanError(f"{path}: input {spec.input} has shape {shape} but {CONFIG} gives {list(spec.shape)}")
 
 
+def graph_dtypes(session, specs: list[StateSpec], path: Path) -> list[StateSpec]:
+    """``specs`` with each state tensor's dtype as the graph declares it (``config.json`` gives float32's)."""
+    from dataclasses import replace
+
+    types = {i.name: i.type for i in session.get_inputs()}
+    names = {v: k for k, v in _DTYPES.items()}
+    out = []
+    for spec in specs:
+        dtype = _ORT_DTYPES.get(types[spec.input])
+        if dtype is None:
+            raise SokhanError(f"{path}: state input {spec.input} is {types[spec.input]}; expected float or float16")
+        out.append(replace(spec, dtype=names[dtype]))
+    return out
+
+
 def sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
     """Next token per row of ``logits`` (B, V): argmax at temperature 0, else softmax sampling (top-k first)."""
     if temperature <= 0:
@@ -356,6 +371,7 @@ class Decoder:
         path = self.bundle / graph
         self.session = open_session(path, provider, threads)
         check_graph(self.session, self.config, self.specs, path)
+        self.specs = graph_dtypes(self.session, self.specs, path)  # the fp16 variant's state is float16
         self.prefill_session = None
         if self.config.get("prefill") and graph == DECODER:
             prefill_path = self.bundle / self.config["prefill"]

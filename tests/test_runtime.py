@@ -100,6 +100,24 @@ def test_cache_loop_is_the_step_api_in_place(graph):
         loop.step(np.array([1, 1]))
 
 
+@pytest.mark.parametrize("arch", ["transformer", "mamba"])
+def test_fp16_variant_keeps_its_state_in_float16(arch):
+    """No casts of the state at the graph's edges (a KV cache appended in place), and generate is its greedy path."""
+    dec = Decoder(tiny_bundle(arch, "export.precision=fp16"), provider="cpu", graph="decoder.fp16.onnx")
+    assert {s.dtype for s in dec.specs} == {"float16"}
+    prompt = dec.encode_prompt("we saw the house", "en")
+    logits, state = dec.prefill(prompt)
+    assert logits.dtype == np.float32 and {t.data_type() for t in state.tensors} == {"tensor(float16)"}
+    want = []
+    for _ in range(6):
+        token = int(logits[0].argmax())
+        if token == dec.eos:
+            break
+        want.append(token)
+        logits, state = dec.step(np.array([token]), state)
+    assert dec.generate("we saw the house", max_new_tokens=len(want), lang="en") == dec.tokenizer.decode(want)
+
+
 def test_cache_loop_refuses_a_recurrent_state():
     dec = Decoder(tiny_bundle("mamba"), provider="cpu")
     with pytest.raises(SokhanError, match="no KV cache"):

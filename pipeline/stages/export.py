@@ -130,7 +130,8 @@ or from Python:
 
 ## Driving the graph yourself
 
-Start from the state in `config.json`'s `state` list: zeros of the given shape with `batch` your batch size{past}.
+Start from the state in `config.json`'s `state` list: zeros of the given shape with `batch` your batch size{past}
+(float16 for `decoder.fp16.onnx`, whose state is float16 throughout; its logits are float32).
 Prefix the prompt's tokens with its language tag (`<|lang:fa|>`, `<|lang:zh|>`, `<|lang:en|>`), feed one token per
 call, and pass each `present.*` output back as the matching `past_key_values.*` input.{posnote}
 """
