@@ -29,9 +29,7 @@ def to_fp16(src: Path, dst: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(src))
-    keep = ["logits"] + [i.name for i in model.graph.input if i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT]
-    model = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=False)
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=["logits"], disable_shape_infer=False)
     tmp = dst.with_name(f".{dst.name}.tmp")
     onnx.save(model, str(tmp))
     tmp.replace(dst)
