@@ -17,6 +17,12 @@ Five ways to produce the next token at batch 1 after ``context`` tokens, with un
 - ``transformer_eager``: PyTorch ``Transformer.step`` on its preallocated KV cache at position ``context``;
 - ``transformer_nocache_onnx`` / ``_eager``: no cache, the whole ``context + 1`` tokens recomputed for one token
   (the prefill graph / ``forward``): the quadratic cost a cache avoids.
+- ``*_onnx_int8`` / ``*_onnx_int8_loop``: the bundle's ``--quantize int8`` graph, both ways.
+
+And a roofline: at batch 1 a step reads every weight once and its whole state (the cache of ``context`` entries),
+so no graph can take less than reading those bytes takes. ``read_ms`` times that on this machine (summing an array
+of the same size), and the table beside it says how close each loop comes and how far ahead of eager any graph
+reading that many bytes could be.
 
 And the time to consume a prompt of ``--prompts`` tokens from an empty state with the exported Mamba: one call of
 ``prefill.onnx`` (parallel over the prompt, one ONNX ``Scan`` per layer for the recurrence) against ``decoder.onnx``
@@ -43,7 +49,7 @@ import torch
 from sokhan.export.onnx import export_decoder, state_layout
 from sokhan.export.prefill import export_prefill
 from sokhan.export.quantize import to_int8
-from sokhan.export.runtime import CacheLoop, StepGraph, StepLoop, open_session, state_specs
+from sokhan.export.runtime import CacheLoop, StepGraph, StepLoop, graph_dtypes, open_session, state_specs
 from sokhan.pipeline.models import ModelConfig, build
 from sokhan.pipeline.stage import write_json
 
@@ -71,29 +77,68 @@ def random_state(cfg: ModelConfig, context: int, rng: np.random.Generator) -> li
     return [rng.standard_normal(s).astype(np.float32) * 0.1 for s in shapes]
 
 
-def bench_mamba(cfg: ModelConfig, model, graph: StepGraph, contexts: list[int], reps: int, rng) -> dict:
-    out: dict[str, dict[int, float]] = {"mamba_onnx": {}, "mamba_onnx_loop": {}, "mamba_eager": {}}
+def weight_bytes(path: Path) -> int:
+    """Bytes of weights one step reads: every initializer, except a table only gathered from (the embedding:
+    one row is read)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(path)).graph
+    gathered, used = set(), set()
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            (gathered if node.op_type == "Gather" and i == 0 else used).add(name)
+    return sum(int(np.prod(t.dims)) * tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in graph.initializer if t.name in used or t.name not in gathered)
+
+
+def state_bytes(graph: StepGraph, cfg: ModelConfig, context: int) -> int:
+    """Bytes of state one step reads at batch 1: the whole recurrent state, or the cache of ``context`` entries,
+    in the graph's own state dtypes (the int8 transformer's cache is int8)."""
+    shapes = [[1 if d == "batch" else context if d == "past" else d for d in s["shape"]] for s in state_layout(cfg)]
+    return sum(int(np.prod(s)) * np.dtype(spec.dtype).itemsize for s, spec in zip(shapes, graph.specs))
+
+
+def read_ms(nbytes: int, reps: int = 50) -> float:
+    """The time to read ``nbytes`` once at this machine's streaming rate: summing a float32 array of that size,
+    already warm (where a decode step's weights and cache sit between steps). A step that reads that many bytes
+    cannot take less, whatever it computes."""
+    x = torch.ones(max(1, nbytes // 4))
+    return median_ms(lambda: x.sum(), reps)
+
+
+def bench_graph(name: str, cfg: ModelConfig, graph: StepGraph, contexts: list[int], reps: int, rng) -> dict:
+    """ms per token of one step graph at each context, from a random state: ``name`` through the step API and
+    ``name_loop`` through the in-place loop ``Decoder.generate`` uses (``CacheLoop`` for a cache the graph appends
+    to in place, ``StepLoop`` otherwise)."""
+    out: dict[str, dict[int, float]] = {name: {}, f"{name}_loop": {}}
     token = np.array([7])
     for c in contexts:
-        state = graph.state_from_numpy(random_state(cfg, c, rng), position=c)
-        out["mamba_onnx"][c] = median_ms(lambda: graph.step(token, state), reps)
-        loop = StepLoop(graph, state)  # what Decoder.generate steps: the state updated in place
-        out["mamba_onnx_loop"][c] = median_ms(lambda: loop.step(token), reps)
+        arrays = [a.astype(spec.dtype) for a, spec in zip(random_state(cfg, c, rng), graph.specs)]
+        state = graph.state_from_numpy(arrays, position=c)
+        out[name][c] = median_ms(lambda: graph.step(token, state), reps)
+        if cfg.arch == "transformer":
+            loop = CacheLoop(graph, state, capacity=cfg.max_seq_len)
+
+            def loop_step():
+                loop.position = c  # as eager: every call decodes the token at position c
+                loop.step(token)
+        else:
+            loop = StepLoop(graph, state)  # the state updated in place
+            loop_step = lambda: loop.step(token)  # noqa: E731
+        out[f"{name}_loop"][c] = median_ms(loop_step, reps)
+    return out
+
+
+def bench_mamba_eager(cfg: ModelConfig, model, contexts: list[int], reps: int, rng) -> dict:
+    out: dict[str, dict[int, float]] = {"mamba_eager": {}}
+    for c in contexts:
         tstate = model.init_state(1)
         for t, a in zip(tstate.tensors(), random_state(cfg, c, rng)):
             t.copy_(torch.from_numpy(a))
         ids = torch.tensor([7])
         with torch.no_grad():
             out["mamba_eager"][c] = median_ms(lambda: model.step(ids, tstate), reps)
-    return out
-
-
-def bench_step(name: str, cfg: ModelConfig, graph: StepGraph, contexts: list[int], reps: int, rng) -> dict:
-    """ms per token of one more step graph (the int8 variant) at each context, from a random state as above."""
-    out: dict[str, dict[int, float]] = {name: {}}
-    for c in contexts:
-        state = graph.state_from_numpy(random_state(cfg, c, rng), position=c)
-        out[name][c] = median_ms(lambda: graph.step(np.array([7]), state), reps)
     return out
 
 
@@ -123,21 +168,10 @@ def bench_mamba_prefill(prefill, graph: StepGraph, prompts: list[int], reps: int
     return out
 
 
-def bench_transformer(cfg: ModelConfig, model, graph: StepGraph, prefill, contexts: list[int], reps: int, rng) -> dict:
-    out: dict[str, dict[int, float]] = {k: {} for k in ("transformer_onnx", "transformer_onnx_loop", "transformer_eager",
-                                                        "transformer_nocache_onnx", "transformer_nocache_eager")}
-    token = np.array([7])
+def bench_transformer_eager(cfg: ModelConfig, model, prefill, contexts: list[int], reps: int, rng) -> dict:
+    out: dict[str, dict[int, float]] = {k: {} for k in ("transformer_eager", "transformer_nocache_onnx",
+                                                        "transformer_nocache_eager")}
     for c in contexts:
-        state = graph.state_from_numpy(random_state(cfg, c, rng), position=c)
-        out["transformer_onnx"][c] = median_ms(lambda: graph.step(token, state), reps)
-        loop = CacheLoop(graph, state, capacity=cfg.max_seq_len)
-
-        def loop_step():
-            loop.position = c  # as eager below: every call decodes the token at position c
-            loop.step(token)
-
-        out["transformer_onnx_loop"][c] = median_ms(loop_step, reps)
-
         cache = model.init_state(1)
         for k, v in zip(cache.keys, cache.values):
             k.normal_(0, 0.1)
@@ -199,7 +233,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     results: dict[str, dict[int, float]] = {}
     prefill_results: dict[str, dict[int, float]] = {}
-    sizes = {}
+    sizes, traffic = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ("mamba",) if args.prefill_only else ("mamba", "transformer"):
             cfg = ModelConfig(arch=arch, preset=args.preset, max_seq_len=max(args.contexts) + 8).resolve(VOCAB)
@@ -213,15 +247,25 @@ def main() -> None:
             prefill = open_session(Path(tmp) / f"{arch}.prefill.onnx", "cpu", args.threads)
             if arch == "mamba":
                 prefill_results = bench_mamba_prefill(prefill, graph, args.prompts, args.reps, rng)
-                if not args.prefill_only:
-                    results |= bench_mamba(cfg, model, graph, args.contexts, args.reps, rng)
+            if args.prefill_only:
+                continue
+            int8_path = Path(tmp) / f"{arch}.int8.onnx"
+            # The bundle's `--quantize int8` variant: int8 weights in every MatMul/Gemm and, for the transformer, an
+            # int8 KV cache. Its scales are calibrated on text at export; their values do not change the work.
+            kv_scales = None
+            if arch == "transformer":
+                kv_scales = {s.input: np.full((1, cfg.n_heads, 1, cfg.d_model // cfg.n_heads), 0.01, np.float32) for s in specs}
+            to_int8(path, int8_path, kv_scales=kv_scales)
+            session = open_session(int8_path, "cpu", args.threads)
+            int8 = StepGraph(session, graph_dtypes(session, specs, int8_path), arch == "transformer")
+            results |= bench_graph(f"{arch}_onnx", cfg, graph, args.contexts, args.reps, rng)
+            results |= bench_graph(f"{arch}_onnx_int8", cfg, int8, args.contexts, args.reps, rng)
+            if arch == "mamba":
+                results |= bench_mamba_eager(cfg, model, args.contexts, args.reps, rng)
             else:
-                results |= bench_transformer(cfg, model, graph, prefill, args.contexts, args.reps, rng)
-            if not args.prefill_only:
-                # The `--quantize int8` variant of the bundle (dynamic int8 weights in every MatMul/Gemm).
-                to_int8(path, Path(tmp) / f"{arch}.int8.onnx")
-                int8 = StepGraph(open_session(Path(tmp) / f"{arch}.int8.onnx", "cpu", args.threads), specs, arch == "transformer")
-                results |= bench_step(f"{arch}_onnx_int8", cfg, int8, args.contexts, args.reps, rng)
+                results |= bench_transformer_eager(cfg, model, prefill, args.contexts, args.reps, rng)
+            for name, g, graph_path in ((f"{arch}_onnx", graph, path), (f"{arch}_onnx_int8", int8, int8_path)):
+                traffic[name] = {c: weight_bytes(graph_path) + state_bytes(g, cfg, c) for c in args.contexts}
 
     device = f"CPU ({platform.processor() or platform.machine()}), {args.threads} thread(s)"
     common = {"device": device, "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
@@ -233,11 +277,17 @@ def main() -> None:
         if 64 in cs and 2048 in cs:
             summary["mamba_onnx_2048_over_64"] = results["mamba_onnx"][2048] / results["mamba_onnx"][64]
         for arch in ("mamba", "transformer"):
-            summary[f"{arch}_onnx_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx"][c] for c in cs}
-            summary[f"{arch}_onnx_loop_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx_loop"][c] for c in cs}
-            summary[f"{arch}_onnx_int8_speedup_over_eager"] = {c: results[f"{arch}_eager"][c] / results[f"{arch}_onnx_int8"][c] for c in cs}
+            for graph_name in (f"{arch}_onnx", f"{arch}_onnx_loop", f"{arch}_onnx_int8", f"{arch}_onnx_int8_loop"):
+                summary[f"{graph_name}_speedup_over_eager"] = {
+                    c: results[f"{arch}_eager"][c] / results[graph_name][c] for c in cs}
+        # The roofline: at batch 1 a step reads every weight and the whole state once, so memory bandwidth bounds it.
+        roofline = {"mb_per_step": {}, "floor_ms": {}, "loop_gb_per_s": {}}
+        for name, per_context in traffic.items():
+            roofline["mb_per_step"][name] = {c: b / 1e6 for c, b in per_context.items()}
+            roofline["floor_ms"][name] = {c: read_ms(b) for c, b in per_context.items()}
+            roofline["loop_gb_per_s"][name] = {c: b / results[f"{name}_loop"][c] / 1e6 for c, b in per_context.items()}
         report = common | {"ms_per_token": {k: {str(c): round(v, 4) for c, v in s.items()} for k, s in results.items()},
-                           "summary": summary}
+                           "summary": summary, "roofline": roofline}
         write_json(OUT / "decode.json", report)
         plot(results, OUT / "decode.png")
 
@@ -250,6 +300,17 @@ def main() -> None:
         print()
         for k, v in summary.items():
             print(f"- {k}: " + (f"{v:.2f}" if isinstance(v, float) else ", ".join(f"{c}: {x:.1f}x" for c, x in v.items())))
+        print()
+        print("Roofline: MB a step reads (weights and state), the time to read that many bytes (floor: summing an "
+              "array of that size, same threads), the loop's time and the bandwidth it reaches\n")
+        print("| graph | context | MB per step | floor (ms) | loop (ms) | loop GB/s | eager / floor |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name in traffic:
+            eager = results[name.split("_")[0] + "_eager"]
+            for c in cs:
+                floor = roofline["floor_ms"][name][c]
+                print(f"| {name} | {c} | {roofline['mb_per_step'][name][c]:.1f} | {floor:.3f} | "
+                      f"{results[name + '_loop'][c]:.3f} | {roofline['loop_gb_per_s'][name][c]:.1f} | {eager[c] / floor:.1f}x |")
         print()
 
     fused, stepped = prefill_results["mamba_prefill_onnx"], prefill_results["mamba_stepped_onnx"]

@@ -32,8 +32,8 @@ DECODER = "decoder.onnx"
 TOKENIZER = "tokenizer.json"
 SEGMENTER = "segmenter.json"
 EOS = "<|eos|>"
-_DTYPES = {"float32": np.float32, "float16": np.float16}
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}  # int8: a quantized KV cache (kvcache.py)
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 _NOTICED = False  # the CPU-fallback notice is said once per process
 
 
@@ -178,7 +178,7 @@ def graph_dtypes(session, specs: list[StateSpec], path: Path) -> list[StateSpec]
     for spec in specs:
         dtype = _ORT_DTYPES.get(types[spec.input])
         if dtype is None:
-            raise SokhanError(f"{path}: state input {spec.input} is {types[spec.input]}; expected float or float16")
+            raise SokhanError(f"{path}: state input {spec.input} is {types[spec.input]}; expected float, float16 or int8")
         out.append(replace(spec, dtype=names[dtype]))
     return out
 

@@ -42,7 +42,7 @@ def _common(p: argparse.ArgumentParser, run_dir_required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sokhan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sokhan", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"sokhan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -35,11 +35,10 @@ class Attention(nn.Module):
         return group_query_attention(qkv, past_key, past_value, seqlens_k, total, self.rotary.cos, self.rotary.sin, NH)
 
 
-@pytest.fixture(scope="module")
-def session(tmp_path_factory):
+def export_attention(path) -> None:
+    """The op alone as an ONNX graph: qkv, past_key, past_value, position_ids -> output, present_key, present_value."""
     from torch.export import Dim
 
-    path = tmp_path_factory.mktemp("gqa") / "attention.onnx"
     batch, past = Dim("batch", min=1, max=64), Dim("past", min=0, max=MAX_LEN - 1)
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(2, 1, 3 * NH * HS, generator=g), torch.randn(2, NH, 3, HS, generator=g),
@@ -48,6 +47,12 @@ def session(tmp_path_factory):
                "position_ids": {0: batch}}
     export_graph(Attention().eval(), args, dynamic, ["qkv", "past_key", "past_value", "position_ids"],
                  ["output", "present_key", "present_value"], path, opset=18)
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gqa") / "attention.onnx"
+    export_attention(path)
     assert [n.op_type for n in onnx.load(str(path)).graph.node].count("GroupQueryAttention") == 1
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 

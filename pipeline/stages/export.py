@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +39,9 @@ class ExportConfig:
     precision: Literal["fp32", "fp16"] = "fp32"
     """``fp16``: also ``decoder.fp16.onnx`` (float16 weights and arithmetic, float32 inputs and outputs)."""
     quantize: Literal["none", "int8"] = "none"
-    """``int8``: also ``decoder.int8.onnx`` (ONNX Runtime dynamic quantization of the matrix weights)."""
+    """``int8``: also ``decoder.int8.onnx``: ONNX Runtime dynamic quantization of the matrix weights (a scale per output
+    channel) and, for a transformer whose attention is ``GroupQueryAttention``, an int8 KV cache whose scales are
+    calibrated on training text (``sokhan.export.kvcache``)."""
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     """ONNX Runtime provider for the parity check (the one that actually ran is recorded)."""
     parity_steps: int = 64
@@ -78,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("fp32", "fp16"), action=_SetConfig, const="precision",
                         help="fp16: also export decoder.fp16.onnx, checked by top-1 agreement with fp32")
     parser.add_argument("--quantize", choices=("none", "int8"), action=_SetConfig, const="quantize",
-                        help="int8: also export decoder.int8.onnx (dynamic quantization), checked by top-1 agreement")
+                        help="int8: also export decoder.int8.onnx (int8 weights; a transformer's KV cache int8 too), checked by top-1 agreement")
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), action=_SetConfig, const="provider",
                         help="ONNX Runtime provider for the parity check")
 
@@ -99,6 +102,18 @@ def _held_out(tok_dir: Path, tokenizer, n_tokens: int, skip: int) -> dict[str, l
     if not out:
         raise SokhanError(f"{tok_dir / 'val'}: no held-out text (val/<lang>.txt) to check the export on; rerun `sokhan tokenize`")
     return out
+
+
+def _calibration_text(tok_dir: Path, meta: dict, windows: int = 4, length: int = 256) -> list[list[int]]:
+    """``windows`` stretches of ``length`` training tokens spread evenly over the training shard: text the held-out
+    agreement check never sees, so the int8 cache's scales are not fitted to what judges them."""
+    import numpy as np
+
+    from sokhan.pipeline.train.data import open_shard
+
+    shard = open_shard(tok_dir / "train.bin", meta["dtype"], length)
+    starts = np.linspace(0, len(shard) - length, windows).astype(int)
+    return [shard[s:s + length].tolist() for s in starts]
 
 
 README = """# sokhan bundle ({arch})
@@ -130,8 +145,9 @@ or from Python:
 
 ## Driving the graph yourself
 
-Start from the state in `config.json`'s `state` list: zeros of the given shape with `batch` your batch size{past}
-(float16 for `decoder.fp16.onnx`, whose state is float16 throughout; its logits are float32).
+Start from the state in `config.json`'s `state` list: zeros of the given shape with `batch` your batch size{past},
+in the dtype the graph's inputs declare: float32, float16 in `decoder.fp16.onnx` (its logits stay float32), int8
+for the KV cache of a transformer's `decoder.int8.onnx` (its per-channel scales are inside the graph).
 Prefix the prompt's tokens with its language tag (`<|lang:fa|>`, `<|lang:zh|>`, `<|lang:en|>`), feed one token per
 call, and pass each `present.*` output back as the matching `past_key_values.*` input.{posnote}
 """
@@ -153,7 +169,7 @@ def run(ctx) -> dict:
     import torch
 
     from sokhan.export import onnx as onnx_export
-    from sokhan.export import parity, prefill, quantize
+    from sokhan.export import kvcache, parity, prefill, quantize
     from sokhan.export.runtime import CONFIG, DECODER, SEGMENTER, TOKENIZER, Decoder
     from sokhan.pipeline.stage import atomic_write, log, read_json, write_json
     from sokhan.pipeline.train.checkpoint import load_model
@@ -209,7 +225,13 @@ def run(ctx) -> dict:
     if cfg.precision == "fp16":
         variants["fp16"] = (quantize.FP16, quantize.to_fp16)
     if cfg.quantize == "int8":
-        variants["int8"] = (quantize.INT8, quantize.to_int8)
+        convert = quantize.to_int8
+        if config.get("kv_share_buffer"):  # the cache lives in GroupQueryAttention, which can keep it as int8
+            log("export: calibrating the int8 KV cache on training text")
+            text = _calibration_text(tok_dir, read_json(tok_dir / "meta.json"), length=min(256, mcfg.max_seq_len))
+            scales = kvcache.calibrate(decoder, text)
+            convert = partial(quantize.to_int8, kv_scales=scales)
+        variants["int8"] = (quantize.INT8, convert)
     if variants:
         held_out = list(_held_out(tok_dir, tokenizer, cfg.agreement_tokens, skip=1).values())
         report["variants"] = {}
