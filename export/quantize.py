@@ -35,13 +35,14 @@ def to_fp16(src: Path, dst: Path) -> None:
     tmp.replace(dst)
 
 
-def to_int8(src: Path, dst: Path, kv_scales: dict[str, np.ndarray] | None = None) -> None:
+def to_int8(src: Path, dst: Path, kv_scales: dict[str, np.ndarray] | None = None, per_channel: bool = True) -> None:
     """Dynamic int8 quantization of the MatMul/Gemm weights (activations quantized per call, on the fly); with
     ``kv_scales`` (``kvcache.calibrate``) the transformer's KV cache is int8 too (``kvcache.quantize_cache``).
 
     Weights get a scale per output channel, not one per matrix: on the trained corpora models one scale per matrix
     kept top-1 agreement with float32 at 94.0 % (transformer) and 89.8 % (Mamba), below the 95 % a variant needs;
-    per channel, 99.2 % and 96.1 %, for ~30 µs more per step on the tiny models.
+    per channel, 99.2 % and 96.1 % (``benchmarks/int8_agreement.py``), at some cost in speed at short contexts
+    (``benchmarks/README.md``, "Decode latency").
     """
     import logging
 
@@ -63,7 +64,7 @@ def to_int8(src: Path, dst: Path, kv_scales: dict[str, np.ndarray] | None = None
     try:
         # onnx's shape inference knows no types for the outputs of the transformer's contrib attention node
         # (sokhan.export.gqa); everything in these graphs is float32, so that is the type the quantizer may assume.
-        quantize_dynamic(str(plain), str(tmp), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"],
+        quantize_dynamic(str(plain), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel, op_types_to_quantize=["MatMul", "Gemm"],
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         root.setLevel(level)
