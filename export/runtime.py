@@ -368,7 +368,7 @@ class Decoder:
             raise SokhanError(
                 f"{self.bundle / TOKENIZER}: vocabulary of {self.tokenizer.vocab_size} tokens but {CONFIG} says {self.config['vocab_size']}"
             )
-        path = self.bundle / graph
+        path, self.graph_file = self.bundle / graph, graph
         self.session = open_session(path, provider, threads)
         check_graph(self.session, self.config, self.specs, path)
         self.specs = graph_dtypes(self.session, self.specs, path)  # the fp16 variant's state is float16

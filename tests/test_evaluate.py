@@ -97,6 +97,8 @@ def test_bad_flags_are_one_line(tmp_path, capsys):
     run, _ = make_run(tmp_path, "mamba")
     assert main(["evaluate", "--run-dir", str(run), "--lang", "fa"]) == 2
     assert "--lang needs --text" in capsys.readouterr().err
+    assert main(["evaluate", "--run-dir", str(run), "--graph", "decoder.int8.onnx"]) == 2
+    assert "--graph needs --bundle" in capsys.readouterr().err
     assert main(["evaluate", "--run-dir", str(run), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["evaluate", "--run-dir", str(run), "--set", "evaluate.stride=0"]) == 2
@@ -145,6 +147,7 @@ class StepDecoder:
     """Stands in for ``runtime.Decoder``: steps the PyTorch model itself, logits optionally offset at one position."""
 
     bundle = Path("fake-bundle")
+    graph_file = "fake.onnx"
     max_context = None
 
     def __init__(self, model, bump_at: int | None = None):
@@ -178,3 +181,12 @@ def test_onnx_agreement_measures_step_against_forward():
     assert same["tokens"] == 20 and same["top1_agreement"] == 1.0 and same["max_logit_diff"] < 1e-4
     off = onnx_agreement(StepDecoder(model, bump_at=7), model, tokens, "cpu")
     assert off["top1_agreement"] == pytest.approx(19 / 20) and off["max_logit_diff"] == pytest.approx(100.0, abs=1e-3)
+    # The next-token NLL on the same tokens, in float64 from each side's logits: equal for the same model; the offset
+    # logit at step 7 makes token 0 near-certain there, so the ONNX side pays ~100 nats at that step (/ 19 targets).
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.as_tensor(tokens)[None])[0].double(), -1)
+    want = float(-logp[torch.arange(19), torch.as_tensor(tokens[1:])].mean())
+    assert same["nll_per_token"]["torch"] == pytest.approx(want, abs=1e-9)
+    assert same["nll_per_token"]["onnx"] == pytest.approx(want, abs=1e-5)
+    assert off["nll_per_token"]["onnx"] - off["nll_per_token"]["torch"] == pytest.approx(100 / 19, rel=0.05)
+    assert same["graph"] == "fake.onnx"

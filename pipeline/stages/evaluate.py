@@ -70,13 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="language of the matching --text (default: detected per line)")
     parser.add_argument("--bundle", type=Path, default=None,
                         help="also run this exported bundle through ONNX Runtime and report its agreement with PyTorch")
+    parser.add_argument("--graph", default="decoder.onnx",
+                        help="with --bundle: which graph of it to run (decoder.onnx, or a variant such as decoder.int8.onnx)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
 
 
 def direct(args: argparse.Namespace, config) -> bool:
     """Ad-hoc evaluation (--text or --bundle): read the run directory, print, write nothing. False: run the stage."""
     texts, langs = getattr(args, "text", []), getattr(args, "lang", [])
-    bundle = getattr(args, "bundle", None)
+    bundle, graph = getattr(args, "bundle", None), getattr(args, "graph", "decoder.onnx")
+    if graph != "decoder.onnx" and bundle is None:
+        raise SokhanError("--graph needs --bundle DIR (it names a graph of that bundle)")
     if not texts and bundle is None:
         if langs:
             raise SokhanError("--lang needs --text FILE (it names the language of that file)")
@@ -88,7 +92,7 @@ def direct(args: argparse.Namespace, config) -> bool:
         if not (run_dir / stage / "manifest.json").exists():
             raise SokhanError(f"{run_dir / stage}: stage {stage!r} has not finished; run `sokhan {stage} --run-dir {run_dir}` first")
     report = evaluate(config.evaluate, run_dir / "tokenize", run_dir / "train",
-                      texts=_read_texts(texts, langs) if texts else None, bundle=bundle)
+                      texts=_read_texts(texts, langs) if texts else None, bundle=bundle, graph=graph)
     _print_report(report, args)
     return True
 
@@ -169,8 +173,8 @@ def _train_tokens(tok_dir: Path, meta: dict[str, Any]):
 
 
 def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[str, list[str]] | None = None,
-             bundle: Path | None = None) -> dict[str, Any]:
-    """The report: per language the model's and the n-gram's scores (and ONNX agreement with ``bundle``).
+             bundle: Path | None = None, graph: str = "decoder.onnx") -> dict[str, Any]:
+    """The report: per language the model's and the n-gram's scores (and the agreement of ``bundle``'s ``graph``).
 
     texts: raw lines per language, normalized here with the run's settings; None: the held-out split.
     """
@@ -208,7 +212,7 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
     if bundle is not None:
         from sokhan.export.runtime import Decoder
 
-        decoder = Decoder(bundle, provider="cpu")
+        decoder = Decoder(bundle, provider="cpu", graph=graph)
         if (bundle / "tokenizer.json").read_bytes() != (tok_dir / "tokenizer.json").read_bytes():
             raise SokhanError(f"{bundle}: its tokenizer.json is not this run's ({tok_dir / 'tokenizer.json'}); the bundle "
                               "comes from another run or an older tokenizer: export this run again")
@@ -281,11 +285,19 @@ def onnx_agreement(dec, model, tokens, device: str) -> dict[str, Any]:
     onnx_logits = np.stack(onnx_logits).astype(np.float64)  # (T, V)
     with torch.no_grad():
         ref = model(torch.as_tensor(np.asarray(tokens)[None], device=device))[0].double().cpu().numpy()  # (T, V)
+
+    def nll(logits: np.ndarray) -> float:  # mean NLL of each next token (what a variant costs in quality)
+        z = logits[:-1] - logits[:-1].max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return float(-logp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])].mean())
+
     return {
         "bundle": str(dec.bundle),
+        "graph": dec.graph_file,
         "tokens": int(len(tokens)),
         "top1_agreement": float(np.mean(onnx_logits.argmax(-1) == ref.argmax(-1))),
         "max_logit_diff": float(np.abs(onnx_logits - ref).max()),
+        "nll_per_token": {"onnx": nll(onnx_logits), "torch": nll(ref)},
     }
 
 
@@ -328,8 +340,9 @@ def table(report: dict[str, Any], style: Literal["text", "markdown"] = "text") -
         out.append(_versus(lang, r))
         if "onnx" in r:
             o = r["onnx"]
-            out.append(f"{lang}: ONNX vs PyTorch over {o['tokens']} tokens: top-1 agreement {100 * o['top1_agreement']:.1f}%, "
-                       f"max |logit diff| {o['max_logit_diff']:.2e}")
+            out.append(f"{lang}: ONNX ({o['graph']}) vs PyTorch over {o['tokens']} tokens: top-1 agreement "
+                       f"{100 * o['top1_agreement']:.1f}%, max |logit diff| {o['max_logit_diff']:.2e}, NLL/token "
+                       f"{o['nll_per_token']['onnx']:.3f} vs {o['nll_per_token']['torch']:.3f}")
     return "\n".join(out) + "\n"
 
 
