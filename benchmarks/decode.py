@@ -78,16 +78,17 @@ def random_state(cfg: ModelConfig, context: int, rng: np.random.Generator) -> li
 
 
 def weight_bytes(path: Path) -> int:
-    """Bytes of weights one step reads: every initializer, except a table only gathered from (the embedding:
-    one row is read)."""
+    """Bytes of weights one step reads: every initializer, except a table a step reads one row of (the embedding,
+    gathered; the rotary cos/sin tables, which ``GroupQueryAttention`` indexes at the token's position)."""
     import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
 
     graph = onnx.load(str(path)).graph
     gathered, used = set(), set()
     for node in graph.node:
+        rows = {0} if node.op_type == "Gather" else {7, 8} if node.op_type == "GroupQueryAttention" else set()
         for i, name in enumerate(node.input):
-            (gathered if node.op_type == "Gather" and i == 0 else used).add(name)
+            (gathered if i in rows else used).add(name)
     return sum(int(np.prod(t.dims)) * tensor_dtype_to_np_dtype(t.data_type).itemsize
                for t in graph.initializer if t.name in used or t.name not in gathered)
 
