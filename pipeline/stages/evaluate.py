@@ -291,14 +291,16 @@ def onnx_agreement(dec, model, tokens, device: str) -> dict[str, Any]:
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
         return float(-logp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])].mean())
 
-    return {
+    out = {
         "bundle": str(dec.bundle),
         "graph": dec.graph_file,
         "tokens": int(len(tokens)),
         "top1_agreement": float(np.mean(onnx_logits.argmax(-1) == ref.argmax(-1))),
         "max_logit_diff": float(np.abs(onnx_logits - ref).max()),
-        "nll_per_token": {"onnx": nll(onnx_logits), "torch": nll(ref)},
     }
+    if len(tokens) > 1:  # a next token to score
+        out["nll_per_token"] = {"onnx": nll(onnx_logits), "torch": nll(ref)}
+    return out
 
 
 _COLUMNS = ("tokens", "characters", "words", "nll_per_token", "perplexity", "bits_per_character", "top1", "top5",
@@ -340,9 +342,10 @@ def table(report: dict[str, Any], style: Literal["text", "markdown"] = "text") -
         out.append(_versus(lang, r))
         if "onnx" in r:
             o = r["onnx"]
+            nll = o.get("nll_per_token")
             out.append(f"{lang}: ONNX ({o['graph']}) vs PyTorch over {o['tokens']} tokens: top-1 agreement "
-                       f"{100 * o['top1_agreement']:.1f}%, max |logit diff| {o['max_logit_diff']:.2e}, NLL/token "
-                       f"{o['nll_per_token']['onnx']:.3f} vs {o['nll_per_token']['torch']:.3f}")
+                       f"{100 * o['top1_agreement']:.1f}%, max |logit diff| {o['max_logit_diff']:.2e}"
+                       + (f", NLL/token {nll['onnx']:.3f} vs {nll['torch']:.3f}" if nll else ""))
     return "\n".join(out) + "\n"
 
 
