@@ -57,6 +57,20 @@ def session(tmp_path_factory):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+def run_bound(session, qkv, positions, past, present) -> np.ndarray:
+    """One run with the caches bound as given ``OrtValue``s (past and present may be the same buffers); the output."""
+    io = session.io_binding()
+    io.bind_cpu_input("qkv", qkv)
+    io.bind_cpu_input("position_ids", np.array(positions, dtype=np.int64)[:, None])
+    for name, value in zip(("past_key", "past_value"), past):
+        io.bind_ortvalue_input(name, value)
+    io.bind_output("output", "cpu")
+    for name, value in zip(("present_key", "present_value"), present):
+        io.bind_ortvalue_output(name, value)
+    session.run_with_iobinding(io)
+    return io.get_outputs()[0].numpy()
+
+
 def reference(qkv, keys, values, positions):
     """Row by row in float64: row b attends to keys[b, :, :positions[b]] and its own new key."""
     rotary = Rotary(HS, MAX_LEN)
@@ -100,16 +114,7 @@ def test_node_appends_into_a_buffer_of_fixed_capacity(session, shared):
     past_k, past_v = ort.OrtValue.ortvalue_from_numpy(keys), ort.OrtValue.ortvalue_from_numpy(values)
     present_k = past_k if shared else ort.OrtValue.ortvalue_from_numpy(np.zeros_like(keys))
     present_v = past_v if shared else ort.OrtValue.ortvalue_from_numpy(np.zeros_like(values))
-    io = session.io_binding()
-    io.bind_cpu_input("qkv", qkv)
-    io.bind_cpu_input("position_ids", np.array(positions, dtype=np.int64)[:, None])
-    io.bind_ortvalue_input("past_key", past_k)
-    io.bind_ortvalue_input("past_value", past_v)
-    io.bind_output("output", "cpu")
-    io.bind_ortvalue_output("present_key", present_k)
-    io.bind_ortvalue_output("present_value", present_v)
-    session.run_with_iobinding(io)
-    out = io.get_outputs()[0].numpy()
+    out = run_bound(session, qkv, positions, (past_k, past_v), (present_k, present_v))
     k, v = present_k.numpy(), present_v.numpy()
     for b, (p, (y_ref, k_ref, v_ref)) in enumerate(zip(positions, reference(qkv, before_k, before_v, positions))):
         np.testing.assert_allclose(out[b : b + 1], y_ref, atol=1e-5, rtol=0)

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_export_gqa import HS, MAX_LEN, NH, export_attention, reference
+from test_export_gqa import HS, MAX_LEN, NH, export_attention, reference, run_bound
 from tiny_bundle import FULL, tiny_bundle
 
 from sokhan import SokhanError
@@ -87,16 +87,8 @@ def test_int8_node_appends_in_place(session, scales):
     qkv = rng.standard_normal((3, 1, 3 * NH * HS)).astype(np.float32)
     kq, vq = (rng.integers(-127, 128, (3, NH, capacity, HS)).astype(np.int8) for _ in range(2))
     buf_k, buf_v = ort.OrtValue.ortvalue_from_numpy(kq.copy()), ort.OrtValue.ortvalue_from_numpy(vq.copy())
-    io = session.io_binding()
-    io.bind_cpu_input("qkv", qkv)
-    io.bind_cpu_input("position_ids", np.array(positions, dtype=np.int64)[:, None])
-    io.bind_ortvalue_input("past_key", buf_k)
-    io.bind_ortvalue_input("past_value", buf_v)
-    io.bind_output("output", "cpu")
-    io.bind_ortvalue_output("present_key", buf_k)
-    io.bind_ortvalue_output("present_value", buf_v)
-    session.run_with_iobinding(io)
-    _check_rows(io.get_outputs()[0].numpy(), buf_k.numpy(), buf_v.numpy(), qkv, kq, vq, positions, scales)
+    out = run_bound(session, qkv, positions, (buf_k, buf_v), (buf_k, buf_v))
+    _check_rows(out, buf_k.numpy(), buf_v.numpy(), qkv, kq, vq, positions, scales)
 
 
 def test_calibration_bounds_every_value_it_saw():
