@@ -74,7 +74,19 @@ def test_stage_writes_report(tmp_path, arch, capsys):
         assert 0 <= n["nextword_top1"] <= n["nextword_top5"] <= 1
     md = (run / "evaluate" / "report.md").read_text(encoding="utf-8")
     assert "| fa | " in md and "5-gram KN" in md
+    assert "5% of each language's lines, single lines" in report["settings"]["source"] in md  # how it was held out
     assert "bpc" in capsys.readouterr().out  # the table on the terminal
+
+
+def test_report_says_how_the_text_was_held_out(tmp_path):
+    from sokhan.pipeline.stages.evaluate import evaluate
+
+    run, config = make_run(tmp_path, "mamba")
+    stored = json.loads((run / "train" / "config.json").read_text(encoding="utf-8"))
+    stored["tokenize"]["val_block"] = 20
+    write_json(run / "train" / "config.json", stored)
+    report = evaluate(config.evaluate, run / "tokenize", run / "train")
+    assert report["settings"]["source"].endswith("5% of each language's lines, in runs of 20 consecutive lines")
 
 
 def test_adhoc_text_prints_and_writes_nothing(tmp_path, capsys):

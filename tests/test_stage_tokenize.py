@@ -139,6 +139,22 @@ def test_split_indices_seeded():
     assert split_indices(1, 0.05, 0, "en") == [] and len(split_indices(3, 0.05, 0, "en")) == 1
 
 
+@pytest.mark.parametrize("n, block", [(1000, 20), (1003, 20), (10, 20), (2, 5)])
+def test_split_indices_in_blocks(n, block):
+    """Held out in whole runs of ``block`` lines: every run is all in or all out, the share is kept, and a block
+    of 1 is the single-line split."""
+    held = split_indices(n, 0.05, 0, "fa", block)
+    assert held == sorted(set(held)) and 0 < len(held) < n
+    eff = min(block, n - 1)
+    runs = {i // eff for i in held}
+    assert held == [i for r in sorted(runs) for i in range(r * eff, min(n, (r + 1) * eff))]
+    total = -(-n // eff)
+    assert len(runs) == min(total - 1, max(1, round(total * 0.05)))
+    assert split_indices(n, 0.05, 0, "fa", 1) == split_indices(n, 0.05, 0, "fa")
+    with pytest.raises(SokhanError, match="tokenize.val_block"):
+        TokenizeConfig(val_block=0)
+
+
 def test_shard_dtype():
     assert shard_dtype(8000) == np.uint16 and shard_dtype(2**16) == np.uint16
     assert shard_dtype(2**16 + 1) == np.uint32

@@ -1,7 +1,7 @@
 """tokenize stage: RUN/normalize -> tokenizer.json, segmenter.json, train.bin, val.bin, val/<lang>.txt, meta.json, report.json.
 
-1. Split: per language, a seeded random ``val_fraction`` of the normalized lines is held out (``val/<lang>.txt``,
-   in corpus order); the rest is the training split.
+1. Split: per language, a seeded random ``val_fraction`` of the normalized lines, single lines or runs of
+   ``val_block`` consecutive lines, is held out (``val/<lang>.txt``, in corpus order); the rest is the training split.
 2. Pre-tokenize every line (hazm words for Persian, word-character runs or jieba words for Chinese, Latin rules:
    ``sokhan.tokenization.segment.pretokenize``) in ``workers`` processes: the slow, pure-Python part. Results come
    back in input order, so the output does not depend on ``workers``.
@@ -44,6 +44,10 @@ class TokenizeConfig:
     """BPE: a merge must occur at least this often in the training split."""
     val_fraction: float = 0.05
     """Share of each language's lines held out for validation and evaluation."""
+    val_block: int = 1
+    """Lines are held out in runs of this many consecutive lines: 1 holds out single lines; a passage length
+    (a ghazal's 14-24 hemistichs, a few paragraphs) holds out whole passages, so held-out text shares no poem or
+    article with the training text and each held-out line has its own passage before it as context."""
     seed: int = 0
     """Seed of the train/validation split."""
     workers: int = 0
@@ -68,6 +72,8 @@ class TokenizeConfig:
             raise SokhanError(f"config: tokenize.vocab_size = {self.vocab_size} must be ≥ 300 (256 bytes + specials + merges)")
         if not 0.0 < self.val_fraction < 0.5:
             raise SokhanError(f"config: tokenize.val_fraction = {self.val_fraction} must be in (0, 0.5)")
+        if self.val_block < 1:
+            raise SokhanError(f"config: tokenize.val_block = {self.val_block} must be ≥ 1 (lines per held-out run)")
         if self.min_frequency < 1:
             raise SokhanError(f"config: tokenize.min_frequency = {self.min_frequency} must be ≥ 1")
         if self.zh_pretokenize not in ("runs", "jieba"):
@@ -94,17 +100,20 @@ def weighted_lines(lines: list, weight: float) -> Iterator:
         done = upto
 
 
-def split_indices(n: int, val_fraction: float, seed: int, lang: str) -> list[int]:
-    """Sorted indices of the held-out lines among ``n``: a seeded random ``val_fraction`` (≥ 1 when n ≥ 2)."""
+def split_indices(n: int, val_fraction: float, seed: int, lang: str, block: int = 1) -> list[int]:
+    """Sorted indices of the held-out lines among ``n``: a seeded random ``val_fraction`` of the runs of ``block``
+    consecutive lines (the last run may be shorter), at least one run and never all of them (when n ≥ 2)."""
     import numpy as np
 
     from sokhan.tokenization.langid import LANGUAGES
 
     if n < 2:
         return []
-    k = min(n - 1, max(1, round(n * val_fraction)))
+    block = min(block, n - 1)  # two runs at least, so both splits get lines
+    runs = -(-n // block)
+    k = min(runs - 1, max(1, round(runs * val_fraction)))
     rng = np.random.default_rng([seed, LANGUAGES.index(lang)])
-    return sorted(int(i) for i in rng.permutation(n)[:k])
+    return sorted(i for r in rng.permutation(runs)[:k] for i in range(int(r) * block, min(n, (int(r) + 1) * block)))
 
 
 def shard_dtype(vocab_size: int):
@@ -214,7 +223,7 @@ def run(ctx) -> dict:
         if not path.exists():
             continue
         lines = path.read_text(encoding="utf-8").split("\n")[:-1]
-        val = set(split_indices(len(lines), cfg.val_fraction, cfg.seed, lang))
+        val = set(split_indices(len(lines), cfg.val_fraction, cfg.seed, lang, cfg.val_block))
         pieces = segment_lines(lines, lang, seg, workers)
         data[lang] = {
             "train": [i for i in range(len(lines)) if i not in val],
