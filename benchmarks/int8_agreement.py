@@ -27,7 +27,7 @@ from sokhan.export import kvcache
 from sokhan.export.quantize import agreement, to_int8
 from sokhan.export.runtime import Decoder
 from sokhan.pipeline.stage import read_json, write_json
-from sokhan.pipeline.stages.export import _calibration_text, _held_out
+from sokhan.pipeline.stages.export import calibration_text, held_out_ids
 
 OUT = Path(__file__).resolve().parent / "out"
 HEADROOMS = (1.0, 1.25, 1.6, 2.0)
@@ -44,11 +44,11 @@ def measure(run: Path, tmp: Path) -> dict:
     shutil.copytree(run / "export" / "bundle", bundle)
     tok_dir = run / "tokenize"
     fp32 = Decoder(bundle, provider="cpu")
-    held_out = list(_held_out(tok_dir, fp32.tokenizer, 256, skip=1).values())
+    held_out = list(held_out_ids(tok_dir, fp32.tokenizer, 256, skip=1).values())
     graphs = {"weights, per matrix": partial(to_int8, per_channel=False), "weights, per channel": to_int8}
     if fp32.config.get("kv_share_buffer"):
         length = min(256, fp32.config["model"]["max_seq_len"])
-        text = _calibration_text(tok_dir, read_json(tok_dir / "meta.json"), length=length)
+        text = calibration_text(tok_dir, read_json(tok_dir / "meta.json"), length=length)
         for h in HEADROOMS:
             graphs[f"KV cache only, headroom {h}"] = partial(cache_only, scales=kvcache.calibrate(fp32, text, headroom=h))
         graphs["weights per channel + KV cache (the variant)"] = partial(to_int8, kv_scales=kvcache.calibrate(fp32, text))

@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ONNX Runtime provider for the parity check")
 
 
-def _held_out(tok_dir: Path, tokenizer, n_tokens: int, skip: int) -> dict[str, list[int]]:
+def held_out_ids(tok_dir: Path, tokenizer, n_tokens: int, skip: int) -> dict[str, list[int]]:
     """Per language, ``<|lang:xx|>`` and the tokens of held-out lines from ``skip`` on, up to ``n_tokens`` ids."""
     out = {}
     for path in sorted((tok_dir / "val").glob("*.txt")):
@@ -104,7 +104,7 @@ def _held_out(tok_dir: Path, tokenizer, n_tokens: int, skip: int) -> dict[str, l
     return out
 
 
-def _calibration_text(tok_dir: Path, meta: dict, windows: int = 4, length: int = 256) -> list[list[int]]:
+def calibration_text(tok_dir: Path, meta: dict, windows: int = 4, length: int = 256) -> list[list[int]]:
     """``windows`` stretches of ``length`` training tokens spread evenly over the training shard: text the held-out
     agreement check never sees, so the int8 cache's scales are not fitted to what judges them."""
     import numpy as np
@@ -201,7 +201,7 @@ def run(ctx) -> dict:
     write_json(bundle / CONFIG, config)
 
     decoder = Decoder(bundle, provider=cfg.provider)
-    prompts = _held_out(tok_dir, tokenizer, cfg.parity_prompt_tokens, skip=0)
+    prompts = held_out_ids(tok_dir, tokenizer, cfg.parity_prompt_tokens, skip=0)
     budget = mcfg.max_seq_len - cfg.parity_steps if mcfg.arch == "transformer" else None
     if budget is not None and budget < 1:
         raise SokhanError(f"config: export.parity_steps = {cfg.parity_steps} leaves no room for a prompt within model.max_seq_len = {mcfg.max_seq_len}")
@@ -228,12 +228,12 @@ def run(ctx) -> dict:
         convert = quantize.to_int8
         if config.get("kv_share_buffer"):  # the cache lives in GroupQueryAttention, which can keep it as int8
             log("export: calibrating the int8 KV cache on training text")
-            text = _calibration_text(tok_dir, read_json(tok_dir / "meta.json"), length=min(256, mcfg.max_seq_len))
+            text = calibration_text(tok_dir, read_json(tok_dir / "meta.json"), length=min(256, mcfg.max_seq_len))
             scales = kvcache.calibrate(decoder, text)
             convert = partial(quantize.to_int8, kv_scales=scales)
         variants["int8"] = (quantize.INT8, convert)
     if variants:
-        held_out = list(_held_out(tok_dir, tokenizer, cfg.agreement_tokens, skip=1).values())
+        held_out = list(held_out_ids(tok_dir, tokenizer, cfg.agreement_tokens, skip=1).values())
         report["variants"] = {}
         for name, (file, convert) in variants.items():
             convert(bundle / DECODER, bundle / file)
