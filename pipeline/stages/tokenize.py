@@ -46,8 +46,8 @@ class TokenizeConfig:
     """Share of each language's lines held out for validation and evaluation."""
     val_block: int = 1
     """Lines are held out in runs of this many consecutive lines: 1 holds out single lines; a passage length
-    (a ghazal's 14-24 hemistichs, a few paragraphs) holds out whole passages, so held-out text shares no poem or
-    article with the training text and each held-out line has its own passage before it as context."""
+    (a ghazal's 14-24 hemistichs, a few paragraphs) holds out whole passages, so a held-out line's poem or article
+    is mostly held out with it, and the evaluation reads each held-out line after its own passage."""
     seed: int = 0
     """Seed of the train/validation split."""
     workers: int = 0
