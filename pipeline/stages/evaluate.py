@@ -220,14 +220,15 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
             raise SokhanError(f"{bundle}: vocab_size {decoder.config['vocab_size']} differs from the trained model's "
                               f"{mcfg.vocab_size}; export this run again")
     languages: dict[str, Any] = {}
-    split = run_cfg.get("tokenize", {})
-    block = int(split.get("val_block", 1))  # runs from before the option held out single lines
-    source = (f"held-out split (RUN/tokenize/val): a seeded random {split.get('val_fraction', 0.05):.0%} of each "
-              f"language's lines, " + ("single lines" if block == 1 else f"in runs of {block} consecutive lines")
-              if texts is None else "given texts")
     if texts is None:
+        split = run_cfg.get("tokenize", {})
+        block = int(split.get("val_block", 1))  # runs from before the option held out single lines
+        runs = "single lines" if block == 1 else f"in runs of {block} consecutive lines"
+        source = (f"held-out split (RUN/tokenize/val): a seeded random {split.get('val_fraction', 0.05):.0%} of each "
+                  f"language's lines, {runs}")
         texts = _held_out(tok_dir)
     else:
+        source = "given texts"
         texts = {lang: [n for s in lines if (n := tokenizer.normalize(s, lang)).strip()] for lang, lines in texts.items()}
     for lang in progress(list(texts), desc="evaluate"):
         if f"<|lang:{lang}|>" not in tokenizer.special_tokens:
