@@ -8,6 +8,7 @@ from sokhan.kernels import dispatch
 from sokhan.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from sokhan.kernels.cross_entropy import cross_entropy
 from sokhan.kernels.flash_attention import flash_attention
+from sokhan.kernels.linear_cross_entropy import linear_cross_entropy
 from sokhan.kernels.rms_norm import rms_norm
 from sokhan.kernels.selective_scan import selective_scan
 from sokhan.kernels.selective_state_update import selective_state_update
@@ -18,6 +19,7 @@ __all__ = [
     "cross_entropy",
     "dispatch",
     "flash_attention",
+    "linear_cross_entropy",
     "rms_norm",
     "selective_scan",
     "selective_state_update",

@@ -5,7 +5,8 @@ then the ``SOKHAN_KERNELS`` environment variable, then ``auto``. ``None`` and ``
 every level, so an explicit choice further out still applies.
 
 - ``auto``: Triton on CUDA tensors; on other devices the fast CPU path of ops that have one
-  (``selective_scan``'s compiled C++ scan, or its chunked PyTorch scan without a compiler), else the reference.
+  (``selective_scan``'s compiled C++ scan, or its chunked PyTorch scan without a compiler;
+  ``linear_cross_entropy``'s chunked logits), else the reference.
 - ``triton``: the Triton kernels. They need CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before
   Triton is imported (the interpreter CI uses); otherwise one clear :class:`sokhan.SokhanError`, never a silent
   fallback that would hide which numbers were produced.

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sokhan.kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from sokhan.kernels import (
+    causal_conv1d,
+    causal_conv1d_update,
+    linear_cross_entropy,
+    selective_scan,
+    selective_state_update,
+)
 from sokhan.pipeline.models.config import ModelConfig
 from sokhan.pipeline.models.layers import RMSNorm
 from sokhan.pipeline.models.state import MambaState
@@ -184,9 +190,16 @@ class MambaLM(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.backbone.embeddings
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, L) -> logits (B, L, V); position t sees tokens 0..t."""
-        return self.lm_head(self.backbone(ids))
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, L) -> logits (B, L, V); position t sees tokens 0..t.
+
+        With ``targets`` (B, L), the mean next-token cross-entropy instead, without materialising the logits
+        (``linear_cross_entropy``): what training calls.
+        """
+        hidden = self.backbone(ids)
+        if targets is None:
+            return self.lm_head(hidden)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
         """A fresh (zero) state for ``batch_size`` sequences."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sokhan import SokhanError
-from sokhan.kernels import flash_attention
+from sokhan.kernels import flash_attention, linear_cross_entropy
 from sokhan.pipeline.models.config import ModelConfig
 from sokhan.pipeline.models.layers import MLP, RMSNorm, Rotary, apply_rotary
 from sokhan.pipeline.models.state import KVCache
@@ -154,14 +154,20 @@ class Transformer(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm_f(x))  # (B, T, V)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, L) -> logits (B, L, V); position t sees tokens 0..t."""
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, L) -> logits (B, L, V); position t sees tokens 0..t.
+
+        With ``targets`` (B, L), the mean next-token cross-entropy instead, without materialising the logits
+        (``linear_cross_entropy``): what training calls.
+        """
         self._check_length(0, ids.shape[1])
         cos, sin = self.rotary.tables(torch.arange(ids.shape[1], device=ids.device)[None])  # (1, 1, L, hs/2)
         x = self.dropout(self.embeddings(ids))  # (B, L, C)
         for block in self.layers:
             x = block(x, cos, sin)
-        return self._logits(x)
+        if targets is None:
+            return self._logits(x)
+        return linear_cross_entropy(self.norm_f(x).flatten(0, 1), self.lm_head.weight, targets.flatten())
 
     def forward_with_past(
         self, ids: torch.Tensor, position_ids: torch.Tensor, past: list[KV]

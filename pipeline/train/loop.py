@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from sokhan import SokhanError
-from sokhan.kernels import cross_entropy
 from sokhan.pipeline.stage import atomic_write, log, progress, read_json, write_json
 from sokhan.pipeline.train import checkpoint as ckpt
 from sokhan.pipeline.train import ddp
@@ -33,10 +32,10 @@ VALIDATION_SEED_OFFSET = 1_000_003  # the validation batches' generator seed, ap
 
 def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in nats; inputs and targets (B, L)."""
-    logits = model(inputs)  # (B, L, V)
-    # On CUDA the fused kernel reads bf16 logits once instead of materialising a float32 copy of (B·L, V);
-    # elsewhere it is F.cross_entropy on float32.
-    return cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+    # Through the model's forward (so DDP sees the call), which hands its last hidden states and output projection
+    # to linear_cross_entropy: on CPU the logits are made and consumed a few rows at a time, on CUDA the fused
+    # kernel reads the bf16 logits once.
+    return model(inputs, targets=targets)
 
 
 def resolve_device(name: str, world: ddp.World) -> torch.device:
