@@ -97,9 +97,10 @@ def test_bad_model_section_names_the_key(tmp_path):
         ckpt.load_model(folder)
 
 
-def test_checkpoint_restores_optimizer_rng_and_trainer_state(tmp_path):
+@pytest.mark.parametrize("embedding_decay", [0.0, 0.05])
+def test_checkpoint_restores_optimizer_rng_and_trainer_state(tmp_path, embedding_decay):
     model, run_config = _model("mamba")
-    opt = build_optimizer(model, 1e-2, 0.1)
+    opt = build_optimizer(model, 1e-2, 0.1, embedding_weight_decay=embedding_decay)
     for _ in range(2):
         model(torch.randint(0, 40, (2, 5))).sum().backward()
         opt.step()
@@ -109,7 +110,7 @@ def test_checkpoint_restores_optimizer_rng_and_trainer_state(tmp_path):
     expect = (torch.rand(3), random.random(), np.random.rand())
 
     fresh, _ = _model("mamba", d_model=32)
-    fresh_opt = build_optimizer(fresh, 1e-2, 0.1)
+    fresh_opt = build_optimizer(fresh, 1e-2, 0.1, embedding_weight_decay=embedding_decay)
     torch.manual_seed(123), random.seed(1), np.random.seed(2)
     state = ckpt.load_checkpoint(folder, fresh, fresh_opt)
     assert state["step"] == 7 and state["data"] == {"drawn": 3} and state["best_val_loss"] == 1.5
@@ -118,7 +119,8 @@ def test_checkpoint_restores_optimizer_rng_and_trainer_state(tmp_path):
         assert torch.equal(p, q), n
         a, b = opt.state[p], fresh_opt.state[q]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), n
-    assert fresh_opt.param_groups[0]["weight_decay"] == 0.1 and fresh_opt.param_groups[1]["weight_decay"] == 0.0
+    decays = [g["weight_decay"] for g in fresh_opt.param_groups]
+    assert decays == ([0.1, 0.0, embedding_decay] if embedding_decay else [0.1, 0.0])
 
 
 def test_keep_last_prunes_old_checkpoints_and_leaves_no_temporaries(tmp_path):

@@ -107,6 +107,23 @@ def test_weight_decay_skips_norms_biases_embeddings_a_log_and_d(arch):
         assert any(n.endswith("mixer.in_proj.weight") for n in decayed)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_embedding_weight_decay_puts_the_table_in_a_group_of_its_own(tie):
+    model = build(tiny_config("model.arch=transformer", f"model.tie_embeddings={str(tie).lower()}").model.resolve(50))
+    table = model.get_input_embeddings().weight
+    decay, no_decay, embeddings = param_groups(model, 0.1, embedding_weight_decay=0.05)
+    assert embeddings["weight_decay"] == 0.05 and [id(p) for p in embeddings["params"]] == [id(table)]
+    assert all(p is not table for p in decay["params"] + no_decay["params"])
+    # An untied output projection is a weight matrix like the others; a tied one is the table itself.
+    assert any(p is model.lm_head.weight for p in decay["params"]) == (not tie)
+    assert len(param_groups(model, 0.1)) == 2  # 0: the table stays with the parameters that do not decay
+
+
+def test_embedding_weight_decay_is_checked_by_name():
+    with pytest.raises(SokhanError, match=r"train.embedding_weight_decay = -0.1 must be ≥ 0"):
+        tiny_config("train.embedding_weight_decay=-0.1")
+
+
 def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr():
     lrs = [lr_at(s, 1.0, 0.1, 10, 111) for s in range(111)]  # 100 decay steps after warmup
     assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])

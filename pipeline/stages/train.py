@@ -31,6 +31,10 @@ class TrainConfig:
     min_lr: float = 3e-4
     warmup_steps: int = 50
     weight_decay: float = 0.1
+    """AdamW's decoupled weight decay of the weight matrices (norms, biases, Mamba's A_log and D never decay)."""
+    embedding_weight_decay: float = 0.0
+    """Weight decay of the token-embedding table (with it, a tied output projection): 0 leaves it out, as minGPT
+    and mamba-ssm's recipe do; nanoGPT decays it like the other matrices."""
     grad_clip: float = 1.0
     """Maximum global gradient norm; 0 turns clipping off (the norm is still logged)."""
     eval_every: int = 100
@@ -48,7 +52,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # TOML reads nan and inf as floats, and every comparison below is False for nan (grad_clip = nan would
         # silently turn clipping off, lr = inf would pass and diverge at step 1).
-        for key in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        for key in ("lr", "min_lr", "weight_decay", "embedding_weight_decay", "grad_clip"):
             if not math.isfinite(getattr(self, key)):
                 raise SokhanError(f"config: train.{key} = {getattr(self, key)} must be a finite number")
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "ckpt_every", "keep_last"):
@@ -58,8 +62,9 @@ class TrainConfig:
             raise SokhanError(f"config: train.warmup_steps = {self.warmup_steps} must be ≥ 0")
         if not 0 < self.min_lr <= self.lr:
             raise SokhanError(f"config: train.min_lr = {self.min_lr} must be > 0 and ≤ train.lr = {self.lr}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise SokhanError("config: train.weight_decay and train.grad_clip must be ≥ 0")
+        for key in ("weight_decay", "embedding_weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise SokhanError(f"config: train.{key} = {getattr(self, key)} must be ≥ 0")
 
 
 def add_arguments(parser) -> None:

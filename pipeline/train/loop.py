@@ -201,7 +201,7 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
     if embeddings is not None:
         load_embeddings(model, embeddings)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, embedding_weight_decay=cfg.embedding_weight_decay)
     batches = Batches(train_shard, cfg.batch_size, cfg.seq_len, cfg.seed, world.rank, world.size)
     val_batches = validation_batches(val_shard, cfg.batch_size, cfg.seq_len, cfg.eval_batches, cfg.seed + VALIDATION_SEED_OFFSET)
 

@@ -12,29 +12,38 @@ from torch import nn
 NO_DECAY_NAMES = ("A_log", "D")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices decay; norms, biases, embeddings, A_log and D do not.
+def param_groups(model: nn.Module, weight_decay: float, embedding_weight_decay: float = 0.0) -> list[dict]:
+    """AdamW groups: matrices decay by ``weight_decay``; norms, biases, A_log and D do not; the embedding table
+    decays by ``embedding_weight_decay``, in a third group when that is not 0 (else with the ones that do not).
 
-    A tied output projection is the embedding's own Parameter, so it falls in the no-decay group with it.
+    A tied output projection is the embedding's own Parameter, so it goes where the embedding goes.
     """
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    decay, no_decay, embeddings = [], [], []
     for name, p in model.named_parameters():  # named_parameters yields a shared (tied) Parameter once
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if p.ndim < 2 or id(p) in embedding_ids or leaf in NO_DECAY_NAMES:
+        if id(p) in embedding_ids:
+            (embeddings if embedding_weight_decay else no_decay).append(p)
+        elif p.ndim < 2 or leaf in NO_DECAY_NAMES:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if embeddings:
+        groups.append({"params": embeddings, "weight_decay": embedding_weight_decay})
+    return groups
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8)
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), embedding_weight_decay: float = 0.0
+) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay, embedding_weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
