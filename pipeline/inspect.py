@@ -5,9 +5,10 @@ tokens it attends to), one figure per layer. They are recomputed from q and k in
 attention module (the model itself runs a fused kernel that never materialises them).
 
 Mamba: Δ, the step size of the selective scan, per token and channel, one heatmap per layer (relative to each
-channel's mean), with the mean over channels above it. A large Δ lets the token's input overwrite the state (the model chooses to remember it); a
-small one lets the state flow past the token unchanged. Δ = softplus(dt_proj(x) + bias) is captured by wrapping
-each mixer's ``_ssm_params`` for the duration of one forward pass; the LTI ablation's Δ is the same at every token.
+channel's mean), with the mean over channels above it. A large Δ lets the token's input overwrite the state (the
+model chooses to remember it); a small one lets the state flow past the token unchanged. Δ = softplus(dt_proj(x) +
+bias) is captured by wrapping each mixer's ``_ssm_params_channel_major`` for the duration of one forward pass; the
+LTI ablation's Δ is the same at every token.
 
 Tokens are labelled with their text (``plotting.label``: Persian shaped and in visual order); time runs left to
 right, whatever the script's direction.
@@ -64,25 +65,24 @@ def delta_maps(model, ids) -> list:
     maps: list = []
 
     def wrap(mixer):
-        original = mixer._ssm_params
+        original = mixer._ssm_params_channel_major
 
         def recorded(x):
             out = original(x)
-            delta, _, _, bias = out
-            if delta.dim() == 3:  # (B, L, D): a forward pass, not a single step
-                maps.append(F.softplus(delta.double() + bias.double())[0].cpu().numpy())
+            delta, _, _, bias = out  # delta (B, D, L)
+            maps.append(F.softplus(delta.double() + bias.double()[:, None])[0].T.cpu().numpy())  # (L, D)
             return out
 
         return recorded
 
     for m in mixers:
-        m._ssm_params = wrap(m)
+        m._ssm_params_channel_major = wrap(m)
     try:
         with torch.no_grad():
             model(ids)
     finally:
         for m in mixers:
-            del m._ssm_params  # the instance attribute goes; the class method is back
+            del m._ssm_params_channel_major  # the instance attribute goes; the class method is back
     return maps
 
 

@@ -51,7 +51,7 @@ def test_delta_maps(selective):
         mixer = model.backbone.layers[0].mixer
         want = torch.nn.functional.softplus(mixer.dt_bias.detach().double()).numpy()
         np.testing.assert_allclose(maps[0], np.broadcast_to(want, maps[0].shape), rtol=1e-12)  # the same at every token
-    assert "_ssm_params" not in vars(model.backbone.layers[0].mixer)  # the wrapper is gone
+    assert "_ssm_params_channel_major" not in vars(model.backbone.layers[0].mixer)  # the wrapper is gone
     torch.testing.assert_close(model(ids), model(ids))
 
 
