@@ -29,6 +29,15 @@ from sokhan.pipeline.stages.train import TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
+# Keys added to a section after runs were made without them, each with the value that does what those runs did (its
+# default). A stage's fingerprint leaves such a key out while it holds that value, so that upgrading sokhan neither
+# makes every finished stage stale nor deletes an interrupted training run's checkpoints (a resumable stage keeps its
+# work only while its fingerprint is unchanged). An entry stays for good, and its key's default must not change.
+ADDED_LATER: dict[tuple[str, str], Any] = {
+    ("tokenize", "val_block"): 1,
+    ("train", "embedding_weight_decay"): 0.0,
+}
+
 
 @dataclass
 class RunConfig:
@@ -45,6 +54,14 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def fingerprint_config(config: RunConfig, sections) -> dict[str, Any]:
+    """The config sections a stage's fingerprint covers, as plain values, less the ``ADDED_LATER`` keys that hold
+    the value runs had before the key existed."""
+    data = to_dict(config)
+    unset = object()
+    return {s: {k: v for k, v in data[s].items() if ADDED_LATER.get((s, k), unset) != v} for s in sections}
 
 
 def to_dict(obj: Any) -> Any:

@@ -31,7 +31,7 @@ from types import ModuleType
 from typing import Any, Iterable
 
 from sokhan import SokhanError, __version__
-from sokhan.pipeline.config import RunConfig, to_dict
+from sokhan.pipeline.config import RunConfig, fingerprint_config, to_dict
 
 STAGES = ("normalize", "tokenize", "embed", "train", "export", "evaluate")
 MANIFEST = "manifest.json"
@@ -129,10 +129,9 @@ class StageContext:
 
 def _fingerprint(name: str, mod: ModuleType, config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Any]]:
     """What the stage's result depends on: its config sections, upstream outputs and input files."""
-    cfg = to_dict(config)
     inputs: dict[str, Any] = {
         "stage": name,
-        "config": {s: cfg[s] for s in mod.SECTIONS},
+        "config": fingerprint_config(config, mod.SECTIONS),
         "upstream": {},
         "files": {},
     }
@@ -220,7 +219,7 @@ def run_stage(
     manifest = {
         "stage": name,
         "fingerprint": fp,
-        "config": inputs["config"],
+        "config": {s: to_dict(config)[s] for s in mod.SECTIONS},  # in full, the keys left out of the fingerprint too
         "inputs": {"upstream": inputs["upstream"], "files": inputs["files"]},
         "outputs": outputs,
         "metrics": metrics,

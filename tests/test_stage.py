@@ -10,7 +10,7 @@ import pytest
 
 from sokhan import SokhanError
 from sokhan.pipeline import stage as stage_mod
-from sokhan.pipeline.config import load_config
+from sokhan.pipeline.config import ADDED_LATER, RunConfig, load_config, to_dict
 
 
 def _make_stages(tmp_path: Path, calls: list[str]):
@@ -63,6 +63,28 @@ def test_config_change_in_own_section_only_makes_stale(stages):
     stage_mod.run_stage("up", cfg, stages.run)
     assert stage_mod.status("up", load_config("sample", ["train.steps=3"]), stages.run) == "done"
     assert stage_mod.status("up", load_config("sample", ["normalize.dedupe=false"]), stages.run) == "stale"
+
+
+def test_a_key_added_later_is_left_out_of_the_fingerprint_at_its_old_value(stages):
+    """train.embedding_weight_decay came after runs existed. At 0, what those runs did, a stage's fingerprint is the
+    one the code before it computed (so upgrading leaves finished stages up to date and an interrupted training run
+    its checkpoints); any other value makes the stage stale. The manifest still records the key."""
+    cfg = load_config("sample")
+    stage_mod.run_stage("up", cfg, stages.run)
+    man = stage_mod.run_stage("down", cfg, stages.run)
+    assert man["config"]["train"]["embedding_weight_decay"] == 0.0
+    _, inputs = stage_mod._fingerprint("down", stages.mods["down"], cfg, stages.run)
+    before = {k: v for k, v in to_dict(cfg)["train"].items() if k != "embedding_weight_decay"}
+    assert inputs["config"] == {"train": before}
+    assert stage_mod.status("down", cfg, stages.run) == "done"
+    changed = load_config("sample", ["train.embedding_weight_decay=0.1"])
+    assert stage_mod.status("down", changed, stages.run) == "stale"
+
+
+def test_keys_added_later_are_listed_with_their_defaults():
+    defaults = to_dict(RunConfig())
+    for (section, key), value in ADDED_LATER.items():
+        assert defaults[section][key] == value, f"{section}.{key}"
 
 
 def test_input_file_and_upstream_changes_propagate(stages):
