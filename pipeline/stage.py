@@ -194,6 +194,9 @@ def run_stage(
         and stamp.read_text().strip() == fp
     )
     if not resumed and partial.exists():
+        if getattr(mod, "RESUMABLE", False) and stamp.exists():
+            why = "--force" if force else "its config or inputs differ from this run's"
+            log(f"{name}: discarding the interrupted run in {partial} ({why}); starting afresh")
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     atomic_write(stamp, fp)

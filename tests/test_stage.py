@@ -117,7 +117,7 @@ def test_failed_stage_publishes_nothing_and_keeps_the_old_result(stages):
     assert not (stages.run / "down.partial").exists()
 
 
-def test_resumable_stage_keeps_its_work_for_the_next_attempt(stages):
+def test_resumable_stage_keeps_its_work_for_the_next_attempt(stages, capsys):
     cfg = load_config("sample")
     seen = []
 
@@ -141,6 +141,12 @@ def test_resumable_stage_keeps_its_work_for_the_next_attempt(stages):
     with pytest.raises(KeyboardInterrupt):
         stage_mod.run_stage("up", load_config("sample", ["normalize.dedupe=false"]), stages.run)
     assert seen == [False, True, False]
+    # ... and says so when it throws away an interrupted run's work.
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        stage_mod.run_stage("up", load_config("sample", ["normalize.remove_diacritics=false"]), stages.run)
+    assert seen == [False, True, False, False]
+    assert f"up: discarding the interrupted run in {stages.run / 'up.partial'}" in capsys.readouterr().err
 
 
 def test_atomic_write_replaces_whole_files(tmp_path):
