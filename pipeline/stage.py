@@ -219,10 +219,11 @@ def run_stage(
         for p in sorted(partial.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
+    full_config = to_dict(config)  # in full, with the keys the fingerprint leaves out
     manifest = {
         "stage": name,
         "fingerprint": fp,
-        "config": {s: to_dict(config)[s] for s in mod.SECTIONS},  # in full, the keys left out of the fingerprint too
+        "config": {s: full_config[s] for s in mod.SECTIONS},
         "inputs": {"upstream": inputs["upstream"], "files": inputs["files"]},
         "outputs": outputs,
         "metrics": metrics,
