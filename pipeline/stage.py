@@ -7,7 +7,9 @@ A stage is a module in ``sokhan.pipeline.stages`` that defines
 - ``run(ctx: StageContext) -> dict``: does the work, writes into ``ctx.out``, returns metrics,
 - optionally ``inputs(config) -> list[Path]``: files outside the run directory it reads (the corpus),
 - optionally ``RESUMABLE = True``: a killed run's ``ctx.out`` is kept for the next attempt (train),
-- optionally ``add_arguments(parser)``: flags of its own for ``sokhan <stage>``.
+- optionally ``add_arguments(parser)``: flags of its own for ``sokhan <stage>``,
+- optionally ``skipped(final_dir, args)``: called when the stage is up to date and not run (evaluate prints its
+  stored report).
 
 The stage works in ``RUN/<stage>.partial/``. Only when ``run`` returns is ``manifest.json`` written into it and the
 folder renamed to ``RUN/<stage>/``; so a killed or failed stage never leaves anything that looks finished.
@@ -127,6 +129,63 @@ class StageContext:
         return d
 
 
+def _manifest(run_dir: Path, name: str) -> dict[str, Any]:
+    """A finished stage's manifest, or a SokhanError saying which stage to run."""
+    man = run_dir / name / MANIFEST
+    if not man.exists():
+        if not run_dir.is_dir():
+            raise SokhanError(f"{run_dir}: no such run directory; start one with `sokhan run --run-dir {run_dir}`")
+        raise SokhanError(f"{run_dir / name}: stage {name!r} has not finished; run `sokhan {name} --run-dir {run_dir}` first (or `sokhan run`)")
+    return read_json(man)
+
+
+def check_current(name: str, run_dir: Path) -> None:
+    """Raise a SokhanError unless stage ``name``'s output in ``run_dir`` was made from the outputs of its sources
+    now there, and so, recursively, were theirs. A model trained on an older tokenizer, exported or scored with the
+    new one, reads other tokens than it learned: the figures would be wrong, and parity would not see it (both sides
+    get the same tokens). A source stage that is absent (removed to save space) is not checked."""
+    run_dir = Path(run_dir)
+    recorded = _manifest(run_dir, name).get("inputs", {}).get("upstream", {})
+    for source, digest in recorded.items():
+        if not (run_dir / source / MANIFEST).exists():
+            continue
+        if sha256_json(_manifest(run_dir, source)["outputs"]) != digest:
+            raise SokhanError(f"{run_dir / name}: made from an older {source} output than the one in {run_dir / source} "
+                              f"({source} ran again since); run `sokhan run --run-dir {run_dir}` to bring it up to date")
+        check_current(source, run_dir)
+
+
+def require_trained(run_dir: Path, command: str) -> None:
+    """For a command that reads a run's tokenizer and trained model (inspect, embed --inspect, evaluate --text):
+    both stages finished, the model made from the tokenizer now there. ``command`` names the caller in errors."""
+    run_dir = Path(run_dir)
+    for name in ("tokenize", "train"):
+        try:
+            _manifest(run_dir, name)
+        except SokhanError as e:
+            raise SokhanError(f"{e} (`{command}` reads a trained model)") from None
+    check_current("train", run_dir)
+
+
+def ensure_dir(path: Path, what: str) -> Path:
+    """``path`` as a folder to write into, made if needed, or a SokhanError naming ``what`` (the flag)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise SokhanError(f"{what} {path}: is a file, not a folder") from None
+    except OSError as e:
+        raise SokhanError(f"{what} {path}: cannot make this folder ({e.strerror or e})") from None
+    return path
+
+
+def check_upstream(name: str, run_dir: Path) -> None:
+    """``check_current`` for every stage that ``name`` reads from (a missing one is the fingerprint's error)."""
+    for up in stage_module(name).UPSTREAM:
+        if (Path(run_dir) / up / MANIFEST).exists():
+            check_current(up, run_dir)
+
+
 def _fingerprint(name: str, mod: ModuleType, config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Any]]:
     """What the stage's result depends on: its config sections, upstream outputs and input files."""
     inputs: dict[str, Any] = {
@@ -136,10 +195,7 @@ def _fingerprint(name: str, mod: ModuleType, config: RunConfig, run_dir: Path) -
         "files": {},
     }
     for up in mod.UPSTREAM:
-        man = run_dir / up / MANIFEST
-        if not man.exists():
-            raise SokhanError(f"{run_dir / up}: stage {up!r} has not finished; run `sokhan {up} --run-dir {run_dir}` first (or `sokhan run`)")
-        inputs["upstream"][up] = sha256_json(read_json(man)["outputs"])
+        inputs["upstream"][up] = sha256_json(_manifest(run_dir, up)["outputs"])
     if hasattr(mod, "inputs"):
         for p in mod.inputs(config):
             inputs["files"][str(p)] = sha256_file(p)
@@ -156,7 +212,10 @@ def status(name: str, config: RunConfig, run_dir: Path) -> str:
         fp, _ = _fingerprint(name, mod, config, run_dir)
     except SokhanError:
         return "blocked"
-    return "done" if read_json(man).get("fingerprint") == fp else "stale"
+    try:
+        return "done" if read_json(man).get("fingerprint") == fp else "stale"
+    except SokhanError:  # a damaged manifest: run_stage redoes the stage
+        return "stale"
 
 
 def run_stage(
@@ -172,33 +231,45 @@ def run_stage(
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / name
     fp, inputs = _fingerprint(name, mod, config, run_dir)
+    worker = int(os.environ.get("RANK", "0")) != 0  # a torchrun process other than the first: it says nothing
+    say = (lambda msg: None) if worker else log
     if not force and (final / MANIFEST).exists():
-        manifest = read_json(final / MANIFEST)
+        try:
+            manifest = read_json(final / MANIFEST)
+        except SokhanError as e:  # damaged by hand or by a disk: the stage is redone, not trusted
+            say(f"{name}: {e}; running it again")
+            manifest = {}
         if manifest.get("fingerprint") == fp:
-            log(f"{name}: up to date, skipped (--force reruns it)")
+            say(f"{name}: up to date, skipped (--force reruns it)")
+            if hasattr(mod, "skipped") and not worker:  # a result to read (evaluate's table) is shown again
+                mod.skipped(final, args or argparse.Namespace())
             return manifest
-        log(f"{name}: inputs or config changed since the last run, running again")
+        say(f"{name}: inputs or config changed since the last run, running again")
 
     partial = run_dir / f"{name}.partial"
-    if int(os.environ.get("RANK", "0")) != 0:
+    if worker:
         # A torchrun worker: rank 0 prepares, fills and publishes the folder; this process only computes.
         if not getattr(mod, "DISTRIBUTED", False):
             raise SokhanError(f"stage {name!r} does not run under torchrun; run it in one process first")
         ctx = StageContext(name=name, run_dir=run_dir, config=config, out=partial, args=args or argparse.Namespace())
         return {"stage": name, "metrics": mod.run(ctx) or {}}
-    stamp = partial / ".fingerprint"
-    resumed = (
-        getattr(mod, "RESUMABLE", False)
-        and not force
-        and stamp.exists()
-        and stamp.read_text().strip() == fp
-    )
+    check_upstream(name, run_dir)
+    resumable = getattr(mod, "RESUMABLE", False)
+    want_resume = resumable and getattr(args, "resume", False)
+    if want_resume and force:
+        raise SokhanError("--resume and --force contradict each other: --force starts afresh")
+    stamp, stamp_inputs = partial / ".fingerprint", partial / ".fingerprint.json"
+    resumed = resumable and not force and stamp.exists() and stamp.read_text().strip() == fp
     if not resumed and partial.exists():
-        if getattr(mod, "RESUMABLE", False) and stamp.exists():
-            why = "--force" if force else "its config or inputs differ from this run's"
+        if resumable and stamp.exists():
+            why = "--force" if force else f"changed since: {_changes(stamp_inputs, inputs)}"
+            if want_resume:  # the user asked to keep this work: refuse before deleting anything
+                raise SokhanError(f"--resume: the interrupted run in {partial} cannot be resumed ({why}); nothing was "
+                                  "deleted: run with the config it had, or without --resume to start afresh")
             log(f"{name}: discarding the interrupted run in {partial} ({why}); starting afresh")
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
+    atomic_write(stamp_inputs, json.dumps(inputs, sort_keys=True, ensure_ascii=False))
     atomic_write(stamp, fp)
 
     ctx = StageContext(name=name, run_dir=run_dir, config=config, out=partial, args=args or argparse.Namespace(), resumed=resumed)
@@ -207,13 +278,15 @@ def run_stage(
     try:
         metrics = mod.run(ctx) or {}
     except BaseException:
-        # A resumable stage keeps its work (checkpoints) for the next attempt; others leave nothing behind.
-        if not getattr(mod, "RESUMABLE", False):
+        # A resumable stage keeps its work (checkpoints) for the next attempt; others, or one that failed before it
+        # wrote anything, leave nothing behind.
+        if not resumable or not partial.exists() or all(p in (stamp, stamp_inputs) for p in partial.iterdir()):
             shutil.rmtree(partial, ignore_errors=True)
         raise
     wall = time.time() - t0
 
     stamp.unlink()
+    stamp_inputs.unlink()
     outputs = {
         str(p.relative_to(partial)): sha256_file(p)
         for p in sorted(partial.rglob("*"))
@@ -241,6 +314,30 @@ def run_stage(
     shutil.rmtree(old, ignore_errors=True)
     log(f"{name}: done in {wall:.1f}s -> {final}")
     return manifest
+
+
+def _changes(recorded: Path, now: dict[str, Any], most: int = 3) -> str:
+    """What differs between the fingerprint inputs stored in ``recorded`` and ``now``, as 'key: old → new' items."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}.{key}" if prefix else key).items()}
+
+    try:
+        old = flat(json.loads(recorded.read_text(encoding="utf-8")))
+    except (OSError, ValueError):  # a partial folder from before this file was written
+        return "its config or inputs differ from this run's"
+    new = flat(now)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    items = []
+    for k in keys[:most]:
+        label = k.removeprefix("config.").removeprefix("upstream.").removeprefix("files.")
+        if k.startswith(("upstream.", "files.")):
+            items.append(f"{label} (its content)")
+        else:
+            items.append(f"{label}: {old.get(k, '(unset)')} → {new.get(k, '(unset)')}")
+    return ", ".join(items) + (f" and {len(keys) - most} more" if len(keys) > most else "") if keys else "nothing recorded"
 
 
 def save_run_config(run_dir: Path, config: RunConfig) -> None:

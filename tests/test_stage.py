@@ -155,3 +155,75 @@ def test_atomic_write_replaces_whole_files(tmp_path):
     stage_mod.write_json(p, {"a": 2})
     assert json.loads(p.read_text()) == {"a": 2}
     assert [x.name for x in tmp_path.iterdir()] == ["f.json"]
+
+
+def _interrupted_resumable(stages, cfg):
+    """Make ``up`` resumable and leave an interrupted attempt (a progress file) under ``cfg``."""
+
+    attempts = []
+
+    def flaky(ctx):  # interrupted the first time only
+        attempts.append(1)
+        if len(attempts) == 1:
+            (ctx.out / "progress.txt").write_text("step 1")
+            raise KeyboardInterrupt
+        return {}
+
+    stages.mods["up"].run = flaky
+    stages.mods["up"].RESUMABLE = True
+    with pytest.raises(KeyboardInterrupt):
+        stage_mod.run_stage("up", cfg, stages.run)
+    return stages.run / "up.partial"
+
+
+def test_resume_flag_refuses_to_discard_work_made_under_another_config(stages, capsys):
+    partial = _interrupted_resumable(stages, load_config("sample"))
+    changed = load_config("sample", ["normalize.dedupe=false"])
+    with pytest.raises(SokhanError) as e:
+        stage_mod.run_stage("up", changed, stages.run, args=types.SimpleNamespace(resume=True))
+    assert "nothing was deleted" in str(e.value) and "normalize.dedupe: True → False" in str(e.value)
+    assert (partial / "progress.txt").read_text() == "step 1"
+    with pytest.raises(SokhanError, match="--resume and --force"):
+        stage_mod.run_stage("up", changed, stages.run, force=True, args=types.SimpleNamespace(resume=True))
+    assert (partial / "progress.txt").exists()
+    # Without --resume the work goes, and the log says which setting changed.
+    capsys.readouterr()
+    stage_mod.run_stage("up", changed, stages.run)
+    assert "(changed since: normalize.dedupe: True → False)" in capsys.readouterr().err
+    assert not partial.exists() and (stages.run / "up" / "manifest.json").exists()
+
+
+def test_resumable_stage_that_fails_before_writing_anything_leaves_no_folder(stages):
+    def refuse(ctx):
+        raise SokhanError("refused at start-up")
+
+    stages.mods["up"].run = refuse
+    stages.mods["up"].RESUMABLE = True
+    with pytest.raises(SokhanError):
+        stage_mod.run_stage("up", load_config("sample"), stages.run)
+    assert not (stages.run / "up.partial").exists()
+
+
+def test_stage_refuses_an_upstream_made_from_older_outputs(stages):
+    """up -> down -> last: after up runs again, down is stale; last must not read it as if it matched up."""
+    calls = stages.calls
+    stages.mods["last"] = types.SimpleNamespace(
+        SECTIONS=("evaluate",), UPSTREAM=("down",), run=lambda ctx: calls.append("last") or {})
+    cfg = load_config("sample")
+    for name in ("up", "down", "last"):
+        stage_mod.run_stage(name, cfg, stages.run)
+    stages.source.write_text("changed\n")
+    stage_mod.run_stage("up", cfg, stages.run)
+    with pytest.raises(SokhanError, match=r"down: made from an older up output .* run `sokhan run --run-dir"):
+        stage_mod.run_stage("last", cfg, stages.run, force=True)
+    stage_mod.run_stage("down", cfg, stages.run)
+    stage_mod.run_stage("last", cfg, stages.run)
+    assert calls == ["up", "down", "last", "up", "down", "last"]
+
+
+def test_damaged_manifest_reruns_the_stage(stages, capsys):
+    cfg = load_config("sample")
+    stage_mod.run_stage("up", cfg, stages.run)
+    (stages.run / "up" / "manifest.json").write_text('{"stage": "up", "fingerp')
+    stage_mod.run_stage("up", cfg, stages.run)
+    assert stages.calls == ["up", "up"] and "not valid JSON" in capsys.readouterr().err

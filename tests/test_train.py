@@ -221,3 +221,11 @@ def test_publish_best_publishes_the_best_validation_weights(tmp_path):
     assert m["published"] == "best" and info["step"] == m["best_step"] and info["val_loss"] == m["best_val_loss"]
     assert m["best_step"] < 6 and m["best_val_loss"] < m["final_val_loss"]
     assert (run / "train" / "model.safetensors").read_bytes() == (run / "train" / "checkpoints" / "best" / "model.safetensors").read_bytes()
+
+
+def test_warmup_longer_than_the_run_is_announced(tmp_path, capsys):
+    run = make_tiny_run(tmp_path / "run")
+    cfg = tiny_config("train.steps=4", "train.warmup_steps=8", "train.eval_every=4", "train.ckpt_every=4")
+    run_stage("embed", cfg, run)
+    run_stage("train", cfg, run)
+    assert "train.warmup_steps = 8 ≥ train.steps = 4: the learning rate is still warming up" in capsys.readouterr().err

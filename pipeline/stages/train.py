@@ -74,7 +74,7 @@ def add_arguments(parser) -> None:
 
 
 def run(ctx) -> dict:
-    from sokhan.pipeline.stage import read_json
+    from sokhan.pipeline.stage import log, read_json
     from sokhan.pipeline.train import ddp
     from sokhan.pipeline.train.checkpoint import checkpoints
     from sokhan.pipeline.train.loop import resolved_run_config, train
@@ -84,6 +84,10 @@ def run(ctx) -> dict:
     meta = read_json(tokenize_dir / "meta.json")
     model_cfg = ctx.config.model.resolve(int(meta["vocab_size"]))
     main = ddp.is_main_process()
+    cfg = ctx.config.train
+    if main and cfg.warmup_steps >= cfg.steps:  # allowed (a short trial run), but it never reaches train.lr
+        log(f"train: train.warmup_steps = {cfg.warmup_steps} ≥ train.steps = {cfg.steps}: the learning rate is "
+            f"still warming up when training ends (it peaks at {cfg.lr * cfg.steps / max(cfg.warmup_steps, 1):.3g}, not {cfg.lr:g})")
     if main and getattr(ctx.args, "resume", False) and not (ctx.resumed and checkpoints(ctx.out / "checkpoints")):
         raise SokhanError(
             f"--resume: no checkpoint of an interrupted run with this config in {ctx.out} "
