@@ -83,23 +83,40 @@ def _resolve_config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sokhan.pipeline.stage import STAGES, run_stage, save_run_config, stage_module
+    from sokhan.pipeline.stage import CONFIG_FILE, STAGES, atomic_write, run_stage, save_run_config, stage_module
 
     config = _resolve_config(args)
-    save_run_config(args.run_dir, config)
     if args.command == "run":
         names = STAGES if not args.stages else [s.strip() for s in args.stages.split(",") if s.strip()]
         unknown = [s for s in names if s not in STAGES]
         if unknown:
             raise SokhanError(f"--stages: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
-        for name in STAGES:
-            if name in names:
-                run_stage(name, config, args.run_dir, force=args.force, args=args)
     else:
         # A stage may answer some of its flags itself, outside the runner (evaluate --text: prints, writes nothing).
         direct = getattr(stage_module(args.stage), "direct", None)
-        if direct is None or not direct(args, config):
-            run_stage(args.stage, config, args.run_dir, force=args.force, args=args)
+        if direct is not None and direct(args, config):
+            return 0
+        names = [args.stage]
+    # The run's config is saved before the stages run, so that an interrupted stage resumes under the same config
+    # when it is rerun without the --set flags. A command that fails and keeps no work to resume puts the previous
+    # config back, so that a rejected --set is not inherited by the next command.
+    path = Path(args.run_dir) / CONFIG_FILE
+    previous = path.read_bytes() if path.exists() else None
+    save_run_config(args.run_dir, config)
+    try:
+        for name in STAGES:
+            if name in names:
+                run_stage(name, config, args.run_dir, force=args.force, args=args)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        if any((Path(args.run_dir) / f"{name}.partial" / ".fingerprint").exists() for name in names):
+            raise  # a resumable stage kept checkpoints made under this config
+        if previous is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write(path, previous)
+        raise
     return 0
 
 

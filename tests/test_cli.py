@@ -48,3 +48,17 @@ def test_unknown_stage_and_bad_override_are_one_line(tmp_path, capsys):
 def test_single_stage_needs_a_config(tmp_path, capsys):
     assert main(["tokenize", "--run-dir", str(tmp_path / "empty")]) == 2
     assert "no config.json here" in capsys.readouterr().err
+
+
+def test_a_failed_command_does_not_leave_its_settings_in_the_run(tmp_path, capsys):
+    """A --set the stage rejects is not inherited by the next command: the previous config.json comes back."""
+    import json
+
+    run = tmp_path / "r"
+    assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize"]) == 0
+    before = (run / "config.json").read_bytes()
+    # The corpus path is checked by the stage, not by the config loader: the config was valid and saved first.
+    assert main(["normalize", "--run-dir", str(run), "--set", "corpus.paths=[{path='nowhere.txt', lang='fa'}]"]) != 0
+    assert "nowhere.txt" in capsys.readouterr().err
+    assert (run / "config.json").read_bytes() == before
+    assert json.loads(before)["corpus"]["paths"][0]["path"] != "nowhere.txt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,30 @@ def test_stage_writes_report(tmp_path, arch, capsys):
     assert "| fa | " in md and "5-gram KN" in md
     assert "5% of each language's lines, single lines" in report["settings"]["source"] in md  # how it was held out
     assert "bpc" in capsys.readouterr().out  # the table on the terminal
+    # Up to date, the stage is not run again, but its table still is what the command prints (it printed nothing).
+    run_stage("evaluate", config, run)
+    out, err = capsys.readouterr()
+    assert "evaluate: up to date, skipped" in err and "bpc" in out and "| fa | " not in out
+
+
+def test_up_to_date_evaluate_prints_its_stored_report_as_json(tmp_path, capsys):
+    run, config = make_run(tmp_path, "mamba")
+    save_run_config(run, config)
+    assert main(["evaluate", "--run-dir", str(run)]) == 0
+    first = json.loads((run / "evaluate" / "report.json").read_text(encoding="utf-8"))
+    capsys.readouterr()
+    assert main(["evaluate", "--run-dir", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == first
+
+
+def test_adhoc_text_leaves_the_run_config_alone(tmp_path):
+    """`--text` prints and writes nothing, and that includes the run's config.json under --set."""
+    run, _ = make_run(tmp_path, "mamba")
+    before = (run / "config.json").read_bytes()
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat .\n", encoding="utf-8")
+    assert main(["evaluate", "--run-dir", str(run), "--text", str(text), "--set", "train.steps=77"]) == 0
+    assert (run / "config.json").read_bytes() == before
 
 
 def test_report_says_how_the_text_was_held_out(tmp_path):
@@ -103,6 +128,14 @@ def test_adhoc_text_prints_and_writes_nothing(tmp_path, capsys):
     assert main(["evaluate", "--run-dir", str(run), "--text", str(text), "--lang", "en"]) == 0
     out = capsys.readouterr().out
     assert "en" in out and "fa " not in out
+
+    cyrillic = tmp_path / "ru.txt"
+    cyrillic.write_text("Привет мир\nкак дела\n", encoding="utf-8")  # used to say "no non-empty lines"
+    assert main(["evaluate", "--run-dir", str(run), "--text", str(cyrillic)]) == 2
+    assert "none of its 2 lines has Persian, Chinese or Latin letters" in capsys.readouterr().err
+    text.write_text("the cat sat on the mat .\nПривет мир\n", encoding="utf-8")
+    assert main(["evaluate", "--run-dir", str(run), "--text", str(text)]) == 0
+    assert "left out 1 line(s)" in capsys.readouterr().err
 
 
 def test_bad_flags_are_one_line(tmp_path, capsys):
@@ -147,6 +180,11 @@ def test_stale_model_or_foreign_bundle_is_refused(tmp_path, monkeypatch):
     pieces[-1], pieces[-2] = pieces[-2], pieces[-1]  # same size, two ids swapped
     (bundle / "tokenizer.json").write_text(json.dumps(foreign), encoding="utf-8")
     with pytest.raises(SokhanError, match="not this run's"):
+        evaluate(config.evaluate, run / "tokenize", run / "train", bundle=bundle)
+    # The run's own tokenizer, another run's model (the transformer exported from a sibling run): 30 % "agreement".
+    shutil.copyfile(run / "tokenize" / "tokenizer.json", bundle / "tokenizer.json")
+    Loaded.config = {"vocab_size": vocab, "model": {"arch": "transformer", "vocab_size": vocab}}
+    with pytest.raises(SokhanError, match=r"its model is not this run's \(arch = 'transformer' in the bundle, 'mamba'"):
         evaluate(config.evaluate, run / "tokenize", run / "train", bundle=bundle)
 
     smaller = Tokenizer.train(iter([["a", "b", "c"]]), vocab_size=vocab - 20, min_frequency=1, segmenter=SegmenterConfig())

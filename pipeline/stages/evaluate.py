@@ -87,10 +87,10 @@ def direct(args: argparse.Namespace, config) -> bool:
         return False
     if langs and len(langs) != len(texts):
         raise SokhanError(f"--lang given {len(langs)} times for {len(texts)} --text files; give one per file or none")
+    from sokhan.pipeline.stage import require_trained
+
     run_dir = Path(args.run_dir)
-    for stage in UPSTREAM:
-        if not (run_dir / stage / "manifest.json").exists():
-            raise SokhanError(f"{run_dir / stage}: stage {stage!r} has not finished; run `sokhan {stage} --run-dir {run_dir}` first")
+    require_trained(run_dir, "sokhan evaluate")
     report = evaluate(config.evaluate, run_dir / "tokenize", run_dir / "train",
                       texts=_read_texts(texts, langs) if texts else None, bundle=bundle, graph=graph)
     _print_report(report, args)
@@ -119,11 +119,19 @@ def run(ctx) -> dict:
     }
 
 
+def skipped(out: Path, args: argparse.Namespace) -> None:
+    """Up to date: the stored report, as the stage would have printed it."""
+    from sokhan.pipeline.stage import read_json
+
+    _print_report(read_json(out / "report.json"), args)
+
+
 def _read_texts(files: list[Path], langs: list[str]) -> dict[str, list[str]]:
     """Lines per language from ``files`` (``langs`` parallel to them, or empty: detect per line); not normalized."""
     from sokhan.tokenization import detect_language
 
     out: dict[str, list[str]] = {}
+    unknown = 0  # lines in no language this pipeline knows (another script, or no letters at all)
     for i, path in enumerate(files):
         try:
             data = path.read_bytes()
@@ -144,8 +152,18 @@ def _read_texts(files: list[Path], langs: list[str]) -> dict[str, list[str]]:
             lang = langs[i] if langs else detect_language(line)
             if lang in LANGS:  # a line without letters of any script has no language to score it as
                 out.setdefault(lang, []).append(line)
+            else:
+                unknown += 1
+    names = ", ".join(map(str, files))
     if not out:
-        raise SokhanError(f"--text {', '.join(map(str, files))}: no non-empty lines to evaluate")
+        if unknown:
+            raise SokhanError(f"--text {names}: none of its {unknown} lines has Persian, Chinese or Latin letters "
+                              "(--lang fa|zh|en scores a file as that language)")
+        raise SokhanError(f"--text {names}: no non-empty lines to evaluate")
+    if unknown:
+        from sokhan.pipeline.stage import log
+
+        log(f"evaluate: left out {unknown} line(s) of {names} with no Persian, Chinese or Latin letters")
     return out
 
 
@@ -213,6 +231,14 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
         from sokhan.export.runtime import Decoder
 
         decoder = Decoder(bundle, provider="cpu", graph=graph)
+        from sokhan.pipeline.config import to_dict
+
+        exported, trained = decoder.config.get("model", {}), to_dict(mcfg)
+        differ = [k for k in sorted(trained) if k in exported and exported[k] != trained[k]]
+        if differ:  # the same tokenizer, another model (the other architecture, or a retrained size)
+            k = differ[0]
+            raise SokhanError(f"{bundle}: its model is not this run's ({k} = {exported[k]!r} in the bundle, {trained[k]!r} "
+                              f"in {train_dir}); export this run again, or pass its own bundle")
         if (bundle / "tokenizer.json").read_bytes() != (tok_dir / "tokenizer.json").read_bytes():
             raise SokhanError(f"{bundle}: its tokenizer.json is not this run's ({tok_dir / 'tokenizer.json'}); the bundle "
                               "comes from another run or an older tokenizer: export this run again")
