@@ -25,8 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from sokhan import SokhanError
     from sokhan.export.runtime import Decoder
 
+    text = args.prompt if args.command == "generate" else args.text
+    try:
+        text.encode("utf-8")  # bytes that are not UTF-8 reach argv as lone surrogates (Python's surrogateescape)
+    except UnicodeEncodeError as e:
+        what = "--prompt" if args.command == "generate" else "the text"
+        raise SokhanError(f"{what} is not valid UTF-8 (at character {e.start + 1}); check the terminal's encoding") from None
     decoder = Decoder(args.bundle, provider=args.provider, graph=args.graph)
     if args.command == "generate":
         text = decoder.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -369,6 +369,9 @@ class Decoder:
                 f"{self.bundle / TOKENIZER}: vocabulary of {self.tokenizer.vocab_size} tokens but {CONFIG} says {self.config['vocab_size']}"
             )
         path, self.graph_file = self.bundle / graph, graph
+        if self.config.get("prefill") and graph == self.config["prefill"]:
+            raise SokhanError(f"{path}: the prompt (prefill) graph, which runs with {DECODER}; choose a step graph "
+                              f"({DECODER} or a variant of it such as decoder.int8.onnx)")
         self.session = open_session(path, provider, threads)
         check_graph(self.session, self.config, self.specs, path)
         self.specs = graph_dtypes(self.session, self.specs, path)  # the fp16 variant's state is float16
@@ -382,7 +385,7 @@ class Decoder:
         self.device = self.graph.device
         self.max_context: int | None = self.config.get("max_context")
         self.eos = self.config["special_tokens"].get(EOS)
-        self._warned: set[str] = set()  # prompt languages already warned about (outside the training languages)
+        self._warned: set[str | None] = set()  # prompt languages warned about (None: no language detected)
 
     def init_state(self, batch_size: int = 1) -> DecodeState:
         return self.graph.init_state(batch_size)
@@ -406,11 +409,24 @@ class Decoder:
         out = io.get_outputs()
         return out[0].numpy(), DecodeState(list(out[1:]), len(ids))
 
-    def encode_prompt(self, text: str, lang: str | None = None) -> list[int]:
-        """Token ids of a prompt as training saw a line: the language tag, then the text's tokens."""
+    def language(self, text: str, lang: str | None = None) -> str:
+        """``lang``, or the language detected in ``text``; English, with a one-time notice, where none is."""
         from sokhan.tokenization import detect_language
 
-        lang = lang or detect_language(text) or "en"
+        if lang is not None:
+            return lang
+        lang = detect_language(text)
+        if lang is None:  # no Arabic-script, Han or Latin letters (Cyrillic, kana, digits alone)
+            if text.strip() and None not in self._warned:  # an empty prompt is an error of its own
+                self._warned.add(None)
+                print(f"sokhan: {text[:30]!r} has no Persian, Chinese or Latin letters; it is read as English text, "
+                      "and its predictions will be poor (--lang sets the language)", file=sys.stderr)
+            return "en"
+        return lang
+
+    def encode_prompt(self, text: str, lang: str | None = None) -> list[int]:
+        """Token ids of a prompt as training saw a line: the language tag, then the text's tokens."""
+        lang = self.language(text, lang)
         trained = self.config.get("languages")
         if trained and lang not in trained and lang not in self._warned:
             self._warned.add(lang)
@@ -489,11 +505,10 @@ class Decoder:
     def next_words(self, text: str, k: int = 5, lang: str | None = None, **search) -> list[tuple[str, float]]:
         """The ``k`` most likely next words after ``text`` with their probabilities (see ``sokhan.export.nextword``)."""
         from sokhan.export.nextword import default_splitter, next_words
-        from sokhan.tokenization import detect_language
 
         if k < 1:
             raise SokhanError(f"k = {k} must be >= 1")
-        lang = lang or detect_language(text) or "en"
+        lang = self.language(text, lang)
         logits, state = self.prefill(self.encode_prompt(text, lang))
         return next_words(self.step, state, logits[0], self.tokenizer, take=self.graph.take, k=k,
                           split=default_splitter(self.tokenizer, lang), **search)

@@ -202,7 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from sokhan.pipeline.stage import log
+    from sokhan.pipeline.stage import ensure_dir, log, require_trained
     from sokhan.pipeline.train.checkpoint import load_model
     from sokhan.tokenization import Tokenizer, detect_language
 
@@ -211,9 +211,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.text.strip():  # with --lang it would plot the language tag alone
         raise SokhanError(f"--text {args.text!r}: nothing to inspect; give at least one word")
     run = Path(args.run_dir)
-    for stage in ("tokenize", "train"):
-        if not (run / stage / "manifest.json").exists():
-            raise SokhanError(f"{run / stage}: stage {stage!r} has not finished; run `sokhan {stage} --run-dir {run}` first")
+    require_trained(run, "sokhan inspect")
     tokenizer = Tokenizer.load(run / "tokenize" / "tokenizer.json")
     lang = args.lang or detect_language(args.text)
     if lang is None:
@@ -227,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
             f"{run / 'train'}: model vocabulary {cfg.vocab_size} != tokenizer vocabulary {tokenizer.vocab_size} in "
             f"{run / 'tokenize'}; the model is stale, run `sokhan run --run-dir {run}` first"
         )
-    out = args.out or run / "inspect"
+    out = ensure_dir(args.out or run / "inspect", "--out")
     labels = token_labels(tokenizer, ids)
     batch = torch.as_tensor([ids], dtype=torch.int64)
     title = f"{cfg.arch}: {tokenizer.normalize(args.text, lang)}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +64,8 @@ class SynthConfig:
         for key in ("n_symbols", "steps", "batch_size", "eval_examples", "d_model", "n_layers", "threads"):
             if getattr(self, key) < 1:
                 raise SokhanError(f"synth: {key} = {getattr(self, key)} must be ≥ 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SokhanError(f"synth: lr = {self.lr} must be a finite number > 0")
 
 
 def selective_copying(rng: np.random.Generator, batch: int, seq_len: int, n_data: int, n_symbols: int):
@@ -217,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sokhan.pipeline.stage import atomic_write, log, write_json
+    from sokhan.pipeline.stage import atomic_write, ensure_dir, log, write_json
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     bad = [a for a in archs if a not in ARCHS]
@@ -232,6 +235,7 @@ def main(args: argparse.Namespace) -> int:
                       d_model=args.d_model, n_layers=args.n_layers, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, eval_examples=args.eval_examples,
                       seed=args.seed, threads=args.threads)
+    ensure_dir(args.out, "--out")  # before the training, not after it: a bad folder would lose the results
     tasks = TASKS if args.task == "all" else (args.task,)
     results = []
     for task in tasks:
@@ -239,7 +243,6 @@ def main(args: argparse.Namespace) -> int:
             log(f"synth: {task} with {arch}, {cfg.steps} steps")
             results.append(train_one(task, arch, cfg))
             log(f"synth: {task} {arch}: accuracy {json.dumps(results[-1]['accuracy'])}")
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "synth.json", {"config": asdict(cfg), "results": results})
     table = markdown(results, cfg)
     atomic_write(args.out / "synth.md", table)

@@ -58,6 +58,10 @@ def test_truncated_safetensors_is_one_line_naming_the_file(tmp_path):
         ckpt.load_model(folder)
     msg = str(e.value)
     assert msg.startswith(str(f)) and "truncated or corrupt" in msg and "\n" not in msg
+    assert "--force" not in msg  # not a finished stage's folder: nothing to rerun
+    (folder / "manifest.json").write_text("{}")  # as RUN/train is once the stage has finished
+    with pytest.raises(SokhanError, match=rf"`sokhan {folder.name} --run-dir {folder.parent} --force` makes it again"):
+        ckpt.load_model(folder)
 
 
 def test_garbage_file_is_one_line(tmp_path):

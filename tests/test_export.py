@@ -185,6 +185,11 @@ def test_failed_parity_publishes_no_bundle(monkeypatch):
     assert before == after  # the previous bundle (if any) is untouched
     failed = json.loads((run / "export.parity-failed.json").read_text())
     assert not failed["passed"] and failed["max_abs_diff"] > 1e-4
+    assert "first differing greedy token at step" in str(failure.value) or "the greedy tokens agree" in str(failure.value)
+    # The next export that passes takes the failed attempt's report away (it stayed beside the new bundle).
+    monkeypatch.undo()
+    run_stage("export", config("mamba", "export.parity_steps=8"), run, force=True)
+    assert not (run / "export.parity-failed.json").exists()
 
 
 def test_export_flags_enter_the_config():

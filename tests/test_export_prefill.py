@@ -149,6 +149,14 @@ def test_export_stage_publishes_a_mamba_prefill_graph_that_passes_parity(cli_bun
     assert "`prefill.onnx`" in (cli_bundle / "README.md").read_text()
 
 
+def test_the_prefill_graph_is_refused_as_the_step_graph(cli_bundle):
+    """`--graph prefill.onnx` said the graph's inputs do not match config.json: true, and no help."""
+    from sokhan import SokhanError
+
+    with pytest.raises(SokhanError, match=r"prefill.onnx: the prompt \(prefill\) graph, which runs with decoder.onnx"):
+        Decoder(cli_bundle, provider="cpu", graph="prefill.onnx")
+
+
 def test_generate_uses_the_prefill_graph_and_agrees_with_stepping(cli_bundle, tmp_path, monkeypatch):
     stepped_dir = tmp_path / "stepped"
     shutil.copytree(cli_bundle, stepped_dir)

@@ -100,7 +100,16 @@ def test_bad_input(tmp_path, runs, capsys):
     assert main(["inspect", "--run-dir", str(run), "--text", "... 123"]) == 2
     assert "--lang" in capsys.readouterr().err
     assert main(["inspect", "--run-dir", str(tmp_path / "nope"), "--text", SHIR]) == 2
-    assert "has not finished" in capsys.readouterr().err
+    assert "nope: no such run directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", "--run-dir", str(tmp_path / "empty"), "--text", SHIR]) == 2
+    assert "stage 'tokenize' has not finished" in capsys.readouterr().err
+    # --out naming a file (or a folder under one) was a NotADirectoryError / FileExistsError traceback.
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "png"):
+        assert main(["inspect", "--run-dir", str(run), "--text", SHIR, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"sokhan: error: --out {out}:"), err
     # With --lang an empty text used to plot the language tag alone, and --max-tokens 0 said "shorten the text".
     assert main(["inspect", "--run-dir", str(run), "--text", "  ", "--lang", "fa"]) == 2
     assert "nothing to inspect" in capsys.readouterr().err
@@ -129,4 +138,24 @@ def test_model_older_than_the_tokenizer_is_refused(tmp_path, runs, capsys):
     assert main(["inspect", "--run-dir", str(run), "--text", SHIR, "--out", str(tmp_path / "png")]) == 2
     err = capsys.readouterr().err
     assert f"model vocabulary {cfg.vocab_size + 4} != tokenizer vocabulary {cfg.vocab_size}" in err and "stale" in err
+    assert not (tmp_path / "png").exists()
+
+
+def test_model_trained_on_an_older_tokenizer_of_the_same_size_is_refused(tmp_path, runs, capsys):
+    """`sokhan tokenize` run again with other settings but the same vocabulary size: only the manifests tell."""
+    import json
+    import shutil
+
+    from sokhan.pipeline.stage import sha256_json
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["mamba"], run)
+    tok, train = (json.loads((run / s / "manifest.json").read_text()) for s in ("tokenize", "train"))
+    train["inputs"] = {"upstream": {"tokenize": sha256_json(tok["outputs"])}}  # what the train stage records
+    (run / "train" / "manifest.json").write_text(json.dumps(train))
+    tok["outputs"]["tokenizer.json"] = "0" * 64  # as if it had been trained again
+    (run / "tokenize" / "manifest.json").write_text(json.dumps(tok))
+    assert main(["inspect", "--run-dir", str(run), "--text", SHIR, "--out", str(tmp_path / "png")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'train'}: made from an older tokenize output" in err
     assert not (tmp_path / "png").exists()

@@ -349,8 +349,12 @@ def test_bad_state_dtype_in_config_is_one_line(bundle, tmp_path):
         (["generate", "--prompt", ""], "empty prompt '': give at least one character"),
         (["predict", "   "], "empty prompt '   ': give at least one character"),
         (["predict", "-k", "0", "i saw"], "k = 0 must be >= 1"),
+        # A byte that is not UTF-8 comes into argv as a lone surrogate; it was dropped without a word.
+        (["predict", "i saw \udcff"], "the text is not valid UTF-8 (at character 7)"),
+        (["generate", "--prompt", "\udcfe\udcff"], "--prompt is not valid UTF-8 (at character 1)"),
     ],
-    ids=["temperature-nan", "temperature-negative", "seed-negative", "empty-prompt", "blank-prompt", "k-zero"],
+    ids=["temperature-nan", "temperature-negative", "seed-negative", "empty-prompt", "blank-prompt", "k-zero",
+         "not-utf8-text", "not-utf8-prompt"],
 )
 def test_bad_generation_arguments_exit_2_in_one_line(bundle, capsys, argv, message):
     """Each was a numpy/ValueError traceback (nan temperature, negative seed, k = 0) or, for an empty prompt, a
@@ -373,4 +377,16 @@ def test_prompt_outside_the_training_languages_warns_once(bundle, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trained on fa text only; a prompt in en is outside them" in err[0]
     d.next_words("کتاب", k=2, lang="fa")
+    assert capsys.readouterr().err == ""
+
+
+def test_prompt_in_no_known_script_warns_once(bundle, capsys):
+    """Cyrillic or kana has no language to detect; it was read as English without a word."""
+    d = Decoder(bundle, provider="cpu")
+    capsys.readouterr()
+    d.next_words("Привет мир", k=2)
+    d.generate("こんにちは", 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'Привет мир' has no Persian, Chinese or Latin letters; it is read as English" in err[0]
+    d.next_words("the book", k=2)
     assert capsys.readouterr().err == ""

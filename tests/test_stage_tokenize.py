@@ -158,3 +158,15 @@ def test_split_indices_in_blocks(n, block):
 def test_shard_dtype():
     assert shard_dtype(8000) == np.uint16 and shard_dtype(2**16) == np.uint16
     assert shard_dtype(2**16 + 1) == np.uint32
+
+
+def test_a_corpus_too_small_for_the_vocabulary_says_so(tmp_path, capsys):
+    """The bundled sample cannot fill 60000 tokens; the log used to announce 'vocabulary 60000' and nothing else."""
+    from sokhan.pipeline.cli import main
+
+    run = tmp_path / "run"
+    assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize,tokenize",
+                 "--set", "tokenize.vocab_size=60000"]) == 0
+    got = json.loads((run / "tokenize" / "meta.json").read_text())["vocab_size"]
+    assert got < 60000
+    assert f"the corpus gave {got} tokens, fewer than tokenize.vocab_size = 60000" in capsys.readouterr().err

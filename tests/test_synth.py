@@ -75,3 +75,19 @@ def test_bad_flags():
     with pytest.raises(SokhanError, match="n-data"):
         synth.SynthConfig(seq_len=4, n_data=4)
     assert main(["synth", "--arch", "rnn", "--steps", "1"]) == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "-1"], "synth: lr = -1.0 must be a finite number > 0"),
+    (["--lr", "nan"], "synth: lr = nan must be a finite number > 0"),
+])
+def test_bad_learning_rate_is_one_line(flags, message, capsys):
+    assert main(["synth", "--steps", "1", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_fails_before_training(tmp_path, capsys):
+    """The folder was made after all the training: a 20-minute run ended in a FileExistsError."""
+    (tmp_path / "f").write_text("x")
+    assert main(["synth", "--steps", "100000", "--out", str(tmp_path / "f")]) == 2
+    assert f"--out {tmp_path / 'f'}: is a file, not a folder" in capsys.readouterr().err

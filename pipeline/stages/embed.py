@@ -87,14 +87,12 @@ def direct(args, config) -> bool:
 def inspect(config, run_dir: Path) -> None:
     """``sokhan embed --inspect``: the trained model's input embeddings, drawn and queried like the initial ones."""
     from sokhan.pipeline.embedding import token_languages
-    from sokhan.pipeline.stage import log, read_json
+    from sokhan.pipeline.stage import log, read_json, require_trained
     from sokhan.pipeline.train.checkpoint import load_model
 
     run_dir = Path(run_dir)
     train_dir, tokenize_dir = run_dir / "train", run_dir / "tokenize"
-    for d, stage in ((tokenize_dir, "tokenize"), (train_dir, "train")):
-        if not (d / "manifest.json").exists():
-            raise SokhanError(f"{d}: stage {stage!r} has not finished; `sokhan embed --inspect` draws a trained model's table")
+    require_trained(run_dir, "sokhan embed --inspect")
     model, mcfg = load_model(train_dir)
     table = model.get_input_embeddings().weight.detach().float().numpy()
     meta = read_json(tokenize_dir / "meta.json")

@@ -216,10 +216,13 @@ def run(ctx) -> dict:
         write_json(ctx.run_dir / FAILED_PARITY, report)
         bad = next(lang for lang, r in report["languages"].items() if not r["passed"])
         r = report["languages"][bad]
+        tokens = ("the greedy tokens agree" if r["first_mismatch_step"] is None
+                  else f"first differing greedy token at step {r['first_mismatch_step']}")
         raise CheckFailed(
             f"export: float32 parity failed for {bad}: max abs logit diff {r['max_abs_diff']:.3g} (limit {cfg.parity_atol:g}), "
-            f"first differing greedy token at step {r['first_mismatch_step']}; bundle not published, details in {ctx.run_dir / FAILED_PARITY}"
+            f"{tokens}; bundle not published, details in {ctx.run_dir / FAILED_PARITY}"
         )
+    (ctx.run_dir / FAILED_PARITY).unlink(missing_ok=True)  # an earlier attempt's; this one passed
 
     variants = {}
     if cfg.precision == "fp16":

@@ -246,6 +246,9 @@ def run(ctx) -> dict:
         length=sum(math.floor(len(d["train"]) * cfg.lang_weights.get(lang, 1.0)) for lang, d in data.items()),
     )
     tok.save(ctx.out)
+    if tok.vocab_size < cfg.vocab_size:  # BPE stops when no pair occurs min_frequency times: a small corpus
+        log(f"tokenize: the corpus gave {tok.vocab_size} tokens, fewer than tokenize.vocab_size = {cfg.vocab_size}; "
+            "the model is sized for the smaller vocabulary (add text, or lower tokenize.vocab_size or min_frequency)")
 
     dtype = shard_dtype(tok.vocab_size)
     fallback = _fallback_table(tok)

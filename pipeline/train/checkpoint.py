@@ -37,7 +37,12 @@ TIED_KEY = "sokhan.tied"  # safetensors metadata: JSON {alias: stored name} for 
 
 
 def _safetensors_error(path: Path, e: Exception) -> SokhanError:
-    return SokhanError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the file is truncated or corrupt")
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    hint = ""
+    stage = Path(path).parent
+    if (stage / "manifest.json").exists():  # a finished stage's output: the stage can make it again
+        hint = f"; `sokhan {stage.name} --run-dir {stage.parent} --force` makes it again"
+    return SokhanError(f"{path}: not a readable safetensors file ({why}); the file is truncated or corrupt{hint}")
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
