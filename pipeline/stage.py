@@ -337,7 +337,9 @@ def _changes(recorded: Path, now: dict[str, Any], most: int = 3) -> str:
             items.append(f"{label} (its content)")
         else:
             items.append(f"{label}: {old.get(k, '(unset)')} → {new.get(k, '(unset)')}")
-    return ", ".join(items) + (f" and {len(keys) - most} more" if len(keys) > most else "") if keys else "nothing recorded"
+    if not keys:  # the same inputs under another fingerprint: the fingerprint's own recipe changed
+        return "its fingerprint, though not its recorded inputs"
+    return ", ".join(items) + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def save_run_config(run_dir: Path, config: RunConfig) -> None:
