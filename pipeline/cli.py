@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 from pathlib import Path
 
 from sokhan import SokhanError, __version__
@@ -102,6 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     # config back, so that a rejected --set is not inherited by the next command.
     path = Path(args.run_dir) / CONFIG_FILE
     previous = path.read_bytes() if path.exists() else None
+    started = time.time()
     save_run_config(args.run_dir, config)
     try:
         for name in STAGES:
@@ -110,8 +112,9 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         raise
     except BaseException:
-        if any((Path(args.run_dir) / f"{name}.partial" / ".fingerprint").exists() for name in names):
-            raise  # a resumable stage kept checkpoints made under this config
+        stamps = [Path(args.run_dir) / f"{name}.partial" / ".fingerprint" for name in names]
+        if any(p.exists() and p.stat().st_mtime >= started for p in stamps):
+            raise  # a resumable stage started (or resumed) under this config and kept its checkpoints
         if previous is None:
             path.unlink(missing_ok=True)
         else:

@@ -95,6 +95,16 @@ def test_sigkilled_cli_run_resumes_exactly_with_resume_flag(base, tmp_path):
     steps_done = max(s for s, _ in ckpt.checkpoints(run / "train.partial" / "checkpoints"))
     assert steps_done < 300
 
+    # --resume with a changed setting used to delete the checkpoints, then say there were none to resume from; and
+    # the rejected --set stayed in config.json for the next command.
+    config_before = (run / "config.json").read_bytes()
+    refused = subprocess.run([*cmd, "--resume", "--set", "train.steps=310"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2
+    assert "cannot be resumed (changed since: train.steps: 300 → 310); nothing was deleted" in refused.stderr
+    assert max(s for s, _ in ckpt.checkpoints(run / "train.partial" / "checkpoints")) == steps_done
+    assert (run / "config.json").read_bytes() == config_before
+
     done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"resuming from {run / 'train.partial' / 'checkpoints' / f'step_{steps_done:06d}'}" in done.stderr
@@ -107,6 +117,7 @@ def test_resume_flag_without_an_interrupted_run_is_an_error(base, tmp_path):
 
     with pytest.raises(SokhanError, match="--resume: no checkpoint of an interrupted run"):
         run_stage("train", tiny_config(), run, args=argparse.Namespace(resume=True))
+    assert not (run / "train.partial").exists()  # it left a folder holding only the fingerprint
 
 
 def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(base, tmp_path, monkeypatch, capsys):
