@@ -92,6 +92,8 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     after the first scores only its last ``stride`` positions (window - 1 when stride = window), so each of those
     sees ≥ window - stride tokens of context (the first window's targets see all tokens before them).
     """
+    if window < 2:  # a window of one token holds no context to predict its successor from (and never advanced)
+        raise ValueError(f"window = {window} must be ≥ 2")
     if not 0 < stride <= window:
         raise ValueError(f"stride = {stride} must be in (0, window = {window}]")
     out: list[tuple[int, int, int]] = []

@@ -148,6 +148,8 @@ def test_bad_flags_are_one_line(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["evaluate", "--run-dir", str(run), "--set", "evaluate.stride=0"]) == 2
     assert "evaluate.stride" in capsys.readouterr().err
+    assert main(["evaluate", "--run-dir", str(run), "--set", "evaluate.window=1", "--set", "evaluate.stride=1"]) == 2
+    assert "evaluate.window = 1 must be ≥ 2" in capsys.readouterr().err
     assert main(["evaluate", "--run-dir", str(run), "--text", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
     bad = tmp_path / "latin1.txt"

@@ -51,7 +51,8 @@ class ConvLM(nn.Module):
         return self.out(torch.tanh(x.transpose(1, 2)))
 
 
-@pytest.mark.parametrize("n,window,stride", [(1, 8, 4), (2, 8, 4), (7, 8, 4), (100, 16, 5), (64, 16, 16), (65, 16, 1)])
+@pytest.mark.parametrize("n,window,stride", [(1, 8, 4), (2, 8, 4), (7, 8, 4), (100, 16, 5), (64, 16, 16), (65, 16, 1),
+                                             (10, 2, 1), (10, 2, 2)])
 def test_windows_cover_each_target_once(n, window, stride):
     seen = []
     for i, (start, end, first) in enumerate(scoring.windows(n, window, stride)):
@@ -63,6 +64,8 @@ def test_windows_cover_each_target_once(n, window, stride):
     assert seen == list(range(1, n))
     with pytest.raises(ValueError):
         scoring.windows(10, 4, 5)
+    with pytest.raises(ValueError, match="window = 1 must be ≥ 2"):  # it looped forever, growing the list
+        scoring.windows(10, 1, 1)
 
 
 def test_windowed_scores_equal_full_context():

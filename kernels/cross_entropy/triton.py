@@ -37,12 +37,14 @@ def _ce_fwd_kernel(
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([], float("-inf"), dtype=ACC)
     s = tl.full([], 0.0, dtype=ACC)
-    # Running max and sum over chunks: one exp per logit. The first chunk holds a real logit, so m turns finite
-    # there and exp(m_old - m_new) never sees -inf - -inf.
+    # Running max and sum over chunks: one exp per logit. A chunk of -inf logits only (masked logits, or the
+    # padding of a short last chunk) leaves m_new = -inf, and exp(-inf - -inf) would be NaN: until a finite logit
+    # comes, the exponents are taken against 0 instead, which makes every term exp(-inf) = 0, as it should be.
     for start in range(0, V, BLOCK_V):
         x = tl.load(row_ptr + start + cols, mask=start + cols < V, other=float("-inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
         m = m_new
     lse = m + tl.log(s)
     valid = target != ignore_index

@@ -27,8 +27,9 @@ namespace {
 // exp for float as straight-line arithmetic so that loops over n vectorize (std::exp is a library call that does
 // not): Cephes expf, x = k ln2 + r with |r| <= ln2 / 2, a degree-7 polynomial for e^r, 2^k built in the exponent
 // bits. Error about 1 ulp over the normal range; results below 2^-126 flush to 0 (the reference gives a subnormal).
+// 2^k is built as 2^(k/2) · 2^(k - k/2): at the top of the range k = 128, whose own exponent bits would be inf.
 inline float exp_vec(float x) {
-    const float lo = -87.3365448f, hi = 88.0f;
+    const float lo = -87.3365448f, hi = 88.7228391f;  // ln of the smallest normal float, ln FLT_MAX
     float xc = x < lo ? lo : (x > hi ? hi : x);
     // Round to nearest by the 1.5 * 2^23 trick (exact in float; a plain add, so it vectorizes without SSE4.1).
     float kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -41,12 +42,15 @@ inline float exp_vec(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    float res = p * scale;
+    int32_t k = static_cast<int32_t>(kf);
+    int32_t k1 = k >> 1, k2 = k - k1;  // each in [-63, 64]: normal floats
+    int32_t bits1 = (k1 + 127) << 23, bits2 = (k2 + 127) << 23;
+    float scale1, scale2;
+    std::memcpy(&scale1, &bits1, sizeof scale1);
+    std::memcpy(&scale2, &bits2, sizeof scale2);
+    float res = p * scale1 * scale2;
     res = x < lo ? 0.0f : res;
-    res = x > 88.7228391f ? INFINITY : res;
+    res = x > hi ? INFINITY : res;
     return x != x ? x : res;  // NaN in, NaN out
 }
 

@@ -59,6 +59,8 @@ class EvaluateConfig:
                 raise SokhanError(f"config: evaluate.{key} = {getattr(self, key)} must be ≥ 1")
         if self.nextword_words < 0:
             raise SokhanError(f"config: evaluate.nextword_words = {self.nextword_words} must be ≥ 0")
+        if self.window is not None and self.window < 2:
+            raise SokhanError(f"config: evaluate.window = {self.window} must be ≥ 2 (a token and the one it predicts)")
         if self.window is not None and not 0 < self.stride <= self.window:
             raise SokhanError(f"config: evaluate.stride = {self.stride} must be in [1, evaluate.window = {self.window}]")
 
@@ -217,6 +219,7 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
     window = cfg.window or int(run_cfg.get("train", {}).get("seq_len", 256))
     if mcfg.arch == "transformer":
         window = min(window, mcfg.max_seq_len)
+    window = max(window, 2)  # train.seq_len = 1 trains on one token of context: a window of 2 gives it that
     stride = min(cfg.stride, window)
 
     log(f"evaluate: counting the {cfg.ngram_order}-gram baseline on {tok_dir / 'train.bin'}")

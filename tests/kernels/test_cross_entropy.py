@@ -57,6 +57,24 @@ def test_loss_and_gradient_match_float64(rows, vocab, reduction):
     assert torch.all(grad[1::3] == 0)  # ignored rows get no gradient
 
 
+def test_rows_whose_first_chunk_is_all_minus_inf():
+    """Masked logits (-inf) filling the first vocabulary chunk: the running max stayed -inf and the loss was NaN."""
+    torch.manual_seed(3)
+    rows, vocab = 4, 5000  # two chunks; -inf over the whole first one in rows 0 and 2, scattered in row 1
+    logits = padded_logits(rows, vocab)
+    logits[0::2, :4096] = float("-inf")
+    logits[1, ::3] = float("-inf")
+    logits.requires_grad_(True)
+    targets = torch.tensor([4500, 1, 4999, IGNORE], device=DEVICE)
+    loss = cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum", backend="triton")
+    (grad,) = torch.autograd.grad(loss, [logits])
+    logits64 = logits.detach().double().requires_grad_(True)
+    loss64 = cross_entropy_ref(logits64, targets, ignore_index=IGNORE, reduction="sum")
+    (grad64,) = torch.autograd.grad(loss64, [logits64])
+    assert torch.isfinite(loss) and rel_rms(loss, loss64) <= TOL_FP32
+    assert torch.all(grad[0, :4096] == 0) and rel_rms(grad, grad64) <= TOL_FP32
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits_without_a_float32_copy(dtype):
     # The kernel reads the half-precision logits and computes in float32, like the reference's upcast; the

@@ -242,6 +242,21 @@ def test_stays_exact_under_large_decays(fn):
         assert rel_rms(grads[k], ref) <= TOL[torch.float32], k
 
 
+def test_compiled_exp_holds_its_accuracy_up_to_the_top_of_the_float_range():
+    """exp(Δ A) over the whole normal float range, growth included (positive A through the public entry): above
+    e^88.0 the compiled exp returned e^88 instead of e^x, a relative error of up to 0.5."""
+    needs_compiler()
+    x = torch.cat((torch.linspace(-87.0, 88.72, 500, dtype=torch.float64), torch.tensor([88.0, 88.5, 88.7], dtype=torch.float64)))
+    dim = len(x)
+    # Two steps, u = (1, 0), Δ = 1, B = C = 1, N = 1 per channel: y_1 = exp(A) · y_0, with y_0 = 1.
+    u = torch.tensor([1.0, 0.0], dtype=torch.float64).expand(1, dim, 2).contiguous()
+    ones = torch.ones(1, 1, 2, dtype=torch.float64)
+    y = selective_scan_compiled(u.float(), torch.ones_like(u).float(), x.float()[:, None], ones.float(), ones.float())
+    expected = torch.exp(x.float().double())  # the float32 argument's exact exp
+    assert torch.isfinite(y).all()
+    assert ((y[0, :, 1].double() - expected).abs() / expected).max() <= 4e-7  # about 3 ulp
+
+
 def test_chunk_bounds_keep_each_factor_in_range():
     delta = torch.rand(3, 5, 200, generator=torch.Generator().manual_seed(0)) * 4
     A = -torch.rand(5, 8, generator=torch.Generator().manual_seed(1)) * 10
