@@ -95,7 +95,8 @@ def mixer_prefill(mixer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor,
     conv_state = F.pad(x, (width - 1, 0))[:, :, -width:]  # (B, D, W)
     x = causal_conv1d(x, mixer._conv_weight(), mixer.conv1d.bias, activation="silu")  # (B, D, T)
     delta, B, C, delta_bias = mixer._ssm_params(x.transpose(1, 2))
-    delta, B, C = delta.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)  # (B, D, T), (B, N, T), (B, N, T)
+    # (B, D, T), and B, C (B, N, T) or, for the LTI ablation's per-channel groups, (B, D, N, T)
+    delta, B, C = delta.transpose(1, 2), B.movedim(1, -1), C.movedim(1, -1)
     A = -torch.exp(mixer.A_log)  # (D, N)
     y, ssm_state = selective_scan_hop(
         x, delta, A, B, C, D=mixer.D, z=z, delta_bias=delta_bias, delta_softplus=True, return_last_state=True

@@ -28,7 +28,7 @@ def expected_params(cfg: ModelConfig) -> int:
     if cfg.selective:
         ssm = di * (r + 2 * n) + r * di + di  # x_proj, dt_proj weight and bias
     else:
-        ssm = di + 2 * n  # dt_bias, B, C
+        ssm = di + 2 * di * n  # dt_bias, B and C per channel
     mixer = d * 2 * di + di * w + di + ssm + di * n + di + di * d  # in_proj, conv1d, ..., A_log, D, out_proj
     return v * d + head + d + n_layers * (mixer + d)
 
@@ -89,6 +89,31 @@ def test_lti_mamba_has_no_input_dependent_projection():
     names = {n.removeprefix("backbone.layers.0.mixer.") for n in model.state_dict()}
     assert {"dt_bias", "B", "C", "A_log", "D"} <= names
     assert not any(n.startswith(("x_proj", "dt_proj")) for n in names)
+
+
+def test_lti_convolution_equals_the_scan_with_gradients():
+    """The LTI ablation trains through an FFT convolution; from a zero state it must be the scan it stands for,
+    outputs and every parameter's gradient (float64, fresh random parameters, per-channel B and C)."""
+    torch.manual_seed(5)
+    model = build(ModelConfig(arch="mamba", d_model=16, n_layers=1, selective=False).resolve(50)).double()
+    mixer = model.backbone.layers[0].mixer
+    assert mixer.B.shape == mixer.C.shape == (32, 16)  # one B and C per channel, as S4D
+    with torch.no_grad():
+        for p in (mixer.B, mixer.C, mixer.dt_bias, mixer.A_log):
+            p.add_(torch.randn_like(p) * 0.5)
+    hidden = torch.randn(3, 37, 16, dtype=torch.float64)
+    results = []
+    for state in (False, True):  # True: the path with a state to fill, which runs the selective_scan kernel
+        mixer.zero_grad()
+        kwargs = dict(conv_state=torch.zeros(3, 32, 4, dtype=torch.float64),
+                      ssm_state=torch.zeros(3, 32, 16, dtype=torch.float64)) if state else {}
+        out = mixer(hidden, **kwargs)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()}))
+    (conv, conv_grads), (scan, scan_grads) = results
+    assert torch.allclose(conv, scan, rtol=1e-10, atol=1e-12)
+    for name in scan_grads:
+        assert torch.allclose(conv_grads[name], scan_grads[name], rtol=1e-9, atol=1e-11), name
 
 
 def test_transformer_parameter_names():

@@ -2,8 +2,9 @@
 
 Parameter names match HF (``backbone.embeddings``, ``backbone.layers.{i}.norm``, ``backbone.layers.{i}.mixer.
 {A_log, D, conv1d, in_proj, x_proj, dt_proj, out_proj}``, ``backbone.norm_f``, ``lm_head``), so a checkpoint maps to
-HF without renaming. ``selective = False`` gives the LTI ablation: Δ, B and C become learned input-independent
-parameters (an S4D-style model) run through the same scan.
+HF without renaming. ``selective = False`` gives the LTI ablation: Δ (per channel), B and C (per channel and state)
+become learned input-independent parameters, an S4D-style model inside the same block; from a zero state its
+recurrence runs as one convolution, as S4 runs it, and through the same scan where a state is carried.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sokhan.kernels import (
     selective_scan,
     selective_state_update,
 )
+from sokhan.kernels.selective_scan.reference import skip_and_gate
 from sokhan.pipeline.models.config import ModelConfig
 from sokhan.pipeline.models.layers import RMSNorm
 from sokhan.pipeline.models.state import MambaState
@@ -65,8 +67,11 @@ class MambaMixer(nn.Module):
                 self.dt_proj.bias.copy_(_inverse_softplus_dt(d_inner, cfg.dt_min, cfg.dt_max))
         else:
             self.dt_bias = nn.Parameter(_inverse_softplus_dt(d_inner, cfg.dt_min, cfg.dt_max))  # Δ = softplus(dt_bias)
-            self.B = nn.Parameter(torch.ones(n))  # S4D init: B = 1, C ~ N(0, 1)
-            self.C = nn.Parameter(torch.randn(n))
+            # One B and C per channel, as S4D (and the Mamba paper's S4 baseline) learn them: shared across channels
+            # they would leave each channel's kernel differing only through Δ, a weaker ablation than the paper's.
+            # The scan takes them as D groups of one channel. S4D init: B = 1, C ~ N(0, 1).
+            self.B = nn.Parameter(torch.ones(d_inner, n))
+            self.C = nn.Parameter(torch.randn(d_inner, n))
         # S4D-real: A = -(1, 2, ..., N) in every channel, stored as log so A stays negative.
         A = torch.arange(1, n + 1, dtype=torch.float32).repeat(d_inner, 1)  # (D, N)
         self.A_log = nn.Parameter(torch.log(A))
@@ -77,18 +82,20 @@ class MambaMixer(nn.Module):
         return self.conv1d.weight.squeeze(1)  # (D, 1, W) -> (D, W)
 
     def _ssm_params(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x (..., D) -> Δ before bias and softplus (..., D), B, C (..., N), and Δ's bias (D,)."""
+        """x (..., D) -> Δ before bias and softplus (..., D), B, C (..., N) (LTI: (..., D, N), a group per channel),
+        and Δ's bias (D,)."""
         if self.selective:
             dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
             return F.linear(dt, self.dt_proj.weight), B, C, self.dt_proj.bias
         lead = x.shape[:-1]
-        return torch.zeros_like(x), self.B.expand(*lead, -1), self.C.expand(*lead, -1), self.dt_bias
+        return torch.zeros_like(x), self.B.expand(*lead, -1, -1), self.C.expand(*lead, -1, -1), self.dt_bias
 
     def _ssm_params_channel_major(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """:meth:`_ssm_params` for x (B, D, L): Δ before bias and softplus (B, D, L), B, C (B, N, L), Δ's bias."""
+        """:meth:`_ssm_params` for x (B, D, L): Δ before bias and softplus (B, D, L), B, C (B, N, L) (LTI: (B, D, N,
+        L)), Δ's bias."""
         if not self.selective:
             batch, length = x.shape[0], x.shape[2]
-            B, C = (p[None, :, None].expand(batch, -1, length) for p in (self.B, self.C))
+            B, C = (p[None, :, :, None].expand(batch, -1, -1, length) for p in (self.B, self.C))
             return torch.zeros_like(x), B, C, self.dt_bias
         dt, B, C = channel_major(self.x_proj.weight, x).split([self.dt_rank, self.d_state, self.d_state], dim=1)
         return channel_major(self.dt_proj.weight, dt), B, C, self.dt_proj.bias
@@ -114,10 +121,12 @@ class MambaMixer(nn.Module):
             x_in = torch.cat((conv_state[:, :, 1:].to(x.dtype), x), dim=2)  # (B, D, W - 1 + L)
             conv_state.copy_(x_in[:, :, -width:])
             x = causal_conv1d(x_in, self._conv_weight(), self.conv1d.bias, activation="silu")[:, :, width - 1 :]
-        delta, B, C, delta_bias = self._ssm_params_channel_major(x)  # (B, D, L), (B, N, L), (B, N, L), (D,)
+        delta, B, C, delta_bias = self._ssm_params_channel_major(x)  # (B, D, L), (B, N, L) twice (LTI: (B, D, N, L)), (D,)
         A = -torch.exp(self.A_log)  # (D, N)
         scan = dict(D=self.D, z=z, delta_bias=delta_bias, delta_softplus=True)
-        if ssm_state is None:
+        if ssm_state is None and not self.selective:
+            y = self._lti_convolution(x, A, z)  # the same recurrence, as one convolution (no per-step parameters)
+        elif ssm_state is None:
             y = selective_scan(x, delta, A, B, C, **scan)  # (B, D, L)
         else:
             y, last = selective_scan(x, delta, A, B, C, return_last_state=True, **scan)
@@ -127,16 +136,34 @@ class MambaMixer(nn.Module):
                 dt = F.softplus(delta + delta_bias[:, None])  # (B, D, L)
                 decay = torch.exp(A[None, :, :, None] * dt.cumsum(dim=-1)[:, :, None, :])  # (B, D, N, L)
                 # Two broadcast products and a sum: 2.3× faster than the same contraction through einsum on CPU.
-                y = y + ((decay * h0[..., None]) * C[:, None]).sum(2) * F.silu(z)
+                Cg = C if C.dim() == 4 else C[:, None]  # (B, D or 1, N, L): the LTI ablation's C is per channel
+                y = y + ((decay * h0[..., None]) * Cg).sum(2) * F.silu(z)
                 last = last + decay[..., -1] * h0
             ssm_state.copy_(last)
         return channel_major(self.out_proj.weight, y).transpose(1, 2).contiguous()  # (B, L, d)
+
+    def _lti_convolution(self, x: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The LTI ablation's scan from a zero state, as S4 runs it: x (B, D, L) -> (B, D, L), skip and gate included.
+
+        With Δ, B and C constant in time, h_t = exp(Δ A) h_{t-1} + Δ B x_t and y_t = C · h_t unroll to a causal
+        convolution y = K * x with K_d[k] = Δ_d Σ_n C_dn B_dn exp(k Δ_d A_dn): the scan's own discretization, so the
+        result is the scan's (tested against it), without its (B, D, N, L) per-channel B and C, which made the
+        ablation train 4× slower. The convolution runs through an FFT of length 2L.
+        """
+        length = x.shape[-1]
+        dt = F.softplus(self.dt_bias.to(x.dtype))  # (D,)
+        k = torch.arange(length, dtype=x.dtype, device=x.device)
+        decay = torch.exp((dt[:, None] * A.to(x.dtype))[:, :, None] * k)  # (D, N, L)
+        kernel = torch.einsum("dn,dnk->dk", (self.C * self.B).to(x.dtype), decay) * dt[:, None]  # (D, L)
+        n = 2 * length  # zero-padded: no wrap-around of the circular convolution
+        y = torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :length]
+        return skip_and_gate(y, x, self.D, z)
 
     def step(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """hidden (B, d) -> (B, d) for one position; conv_state (B, D, W) and ssm_state (B, D, N) updated in place."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, D) each
         x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, activation="silu")  # (B, D)
-        delta, B, C, delta_bias = self._ssm_params(x)  # (B, D), (B, N), (B, N), (D,)
+        delta, B, C, delta_bias = self._ssm_params(x)  # (B, D), (B, N) (LTI: (B, D, N)) twice, (D,)
         A = -torch.exp(self.A_log)  # (D, N)
         y = selective_state_update(ssm_state, x, delta, A, B, C, D=self.D, z=z, dt_bias=delta_bias, dt_softplus=True)
         return self.out_proj(y)  # (B, d)
