@@ -38,7 +38,8 @@ def main(args: argparse.Namespace) -> int:
     if args.command == "generate":
         text = decoder.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, seed=args.seed, lang=args.lang)
-        print(args.prompt + text)
+        # The continuation follows the prompt as the model read it (normalized: ي → ی, spaces squeezed), not as typed.
+        print(decoder.tokenizer.normalize(args.prompt, decoder.language(args.prompt, args.lang)) + text)
     else:
         for word, prob in decoder.next_words(args.text, k=args.k, lang=args.lang):
             print(f"{prob:.4f}\t{word}")

@@ -5,7 +5,10 @@ two callables: ``step_fn(ids (B,) int64, state) -> (logits (B, V), new_state)`` 
 which gathers rows of a batched state (the search branches one state into several hypotheses). Every hypothesis
 of a round goes through one batched step, so a search of depth d costs d model calls, not up to d · beam.
 
-What a word is. The prompt is taken to end where a word may start. The continuation's text (decoded from the
+What a word is. The prompt is taken to end where a word may start, except that in a language written with spaces
+(not Chinese) a prompt ending in a letter, digit, mark or ZWNJ has its last word unfinished: a continuation glued
+onto it (``کتاب`` + ``ها``, ``The weath`` + ``ing``) extends that word and is no next word, so there only
+continuations that begin with whitespace or punctuation count (``after_word``). The continuation's text (decoded from the
 continuation tokens alone, leading whitespace stripped) is cut into words by the tokenizer's own segmenter
 (``Tokenizer.segment``: jieba for Chinese, hazm for Persian, runs of word characters and runs of punctuation
 otherwise), so a word here is a piece the subword model never merges across; a punctuation run is a word of its
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import unicodedata
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -81,6 +85,23 @@ def first_word(text: str, split: Splitter, final: bool) -> str | None:
     return None
 
 
+def ends_inside_word(text: str, lang: str | None) -> bool:
+    """Whether text glued onto ``text`` would extend its last word: it ends in a letter, digit, combining mark or
+    ZWNJ, in a language that writes spaces between words (Chinese does not: any character may start a word)."""
+    if lang == "zh" or not text:
+        return False
+    c = text[-1]
+    return c.isalnum() or c == "\u200c" or unicodedata.category(c).startswith("M")
+
+
+def starts_new_word(text: str) -> bool | None:
+    """Whether a continuation's text begins a word of its own after a prompt that ends inside one: with whitespace,
+    punctuation or a symbol. None while that cannot be told (no text yet, or a partial UTF-8 character)."""
+    if not text or text[0] == INVALID:
+        return None
+    return text[0].isspace() or unicodedata.category(text[0])[0] in "PS"
+
+
 def prime(step_fn: StepFn, state: Any, ids: Sequence[int]) -> tuple[np.ndarray, Any]:
     """Feed ``ids`` one at a time from ``state``; returns the last logits (V,) and the state after them."""
     if not ids:
@@ -104,6 +125,7 @@ def next_words(
     max_tokens: int = 8,
     min_prob: float = 1e-6,
     split: Splitter | None = None,
+    after_word: bool = False,
 ) -> list[tuple[str, float]]:
     """The ``k`` most likely next words and their probabilities, most likely first.
 
@@ -116,6 +138,9 @@ def next_words(
     ``rows[i]`` of ``state`` (rows may repeat; a new state, ``state`` untouched), and one ``step_fn`` call
     extends them all. ``step_fn`` only ever sees states made by ``take`` and never reused, so it may update
     them in place.
+
+    ``after_word``: the prompt ends inside a word (``ends_inside_word``); continuations that do not start with
+    whitespace or punctuation are dropped, neither counted nor extended.
     """
     if k < 1 or beam < 1 or max_tokens < 1 or not 0.0 < min_prob < 1.0:
         raise ValueError("k, beam and max_tokens must be >= 1 and min_prob in (0, 1)")
@@ -142,7 +167,10 @@ def next_words(
         for logprob, h, token in heapq.nlargest(beam * beam, candidates):
             final = token == eos
             ids = paths[h] if final else paths[h] + (token,)
-            word = first_word(tokenizer.decode(list(ids)), split, final=final) if ids else None
+            text = tokenizer.decode(list(ids)) if ids else ""
+            if after_word and starts_new_word(text) is False:
+                continue  # the rest of the prompt's last word, not a word of its own
+            word = first_word(text, split, final=final) if ids else None
             if word == INVALID:
                 continue
             if word is not None:

@@ -504,11 +504,15 @@ class Decoder:
 
     def next_words(self, text: str, k: int = 5, lang: str | None = None, **search) -> list[tuple[str, float]]:
         """The ``k`` most likely next words after ``text`` with their probabilities (see ``sokhan.export.nextword``)."""
-        from sokhan.export.nextword import default_splitter, next_words
+        from sokhan.export.nextword import default_splitter, ends_inside_word, next_words
 
         if k < 1:
             raise SokhanError(f"k = {k} must be >= 1")
         lang = self.language(text, lang)
         logits, state = self.prefill(self.encode_prompt(text, lang))
+        search.setdefault("max_tokens", 8)
+        if self.max_context is not None:  # the search steps max_tokens - 1 times at most: stay inside the context
+            search["max_tokens"] = max(1, min(search["max_tokens"], self.max_context - state.position + 1))
+        after_word = ends_inside_word(self.tokenizer.normalize(text, lang), lang)
         return next_words(self.step, state, logits[0], self.tokenizer, take=self.graph.take, k=k,
-                          split=default_splitter(self.tokenizer, lang), **search)
+                          split=default_splitter(self.tokenizer, lang), after_word=after_word, **search)

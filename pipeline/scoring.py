@@ -262,7 +262,7 @@ def nextword_ranks(
     ``window // 2`` tokens whenever it would hold more than ``window - max_tokens`` tokens, so that with the
     search's own steps a transformer's cache (``window`` ≤ its ``max_seq_len``) never overflows.
     """
-    from sokhan.export.nextword import next_words
+    from sokhan.export.nextword import ends_inside_word, next_words
 
     # The search segments every candidate continuation, and the same short ones (" the", "的") recur at every
     # word start: segmentation (hazm, jieba) is most of its cost unless remembered.
@@ -276,7 +276,10 @@ def nextword_ranks(
             p = max(0, target - window // 2)
         logits, state = model.advance(text.tokens[p:target], state)
         fed, p = fed + target - p, target
-        found = next_words(model.step, state, logits, tokenizer, take=model.take, k=k, beam=beam, max_tokens=max_tokens, split=split)
+        line = int(np.searchsorted(text.line_starts, target, side="right")) - 1
+        before = tokenizer.decode(text.tokens[text.line_starts[line] + 1 : target].tolist())  # the line so far
+        found = next_words(model.step, state, logits, tokenizer, take=model.take, k=k, beam=beam, max_tokens=max_tokens,
+                           split=split, after_word=ends_inside_word(before, text.lang))
         words = [w for w, _ in found]
         if gold in words:
             ranks[i] = words.index(gold)

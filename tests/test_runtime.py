@@ -224,6 +224,52 @@ def test_next_words_exact_probabilities_on_a_known_chain():
     assert calls == [2, 1]  # one batched step per round: {"a", "b"}, then {"ab"}
 
 
+def test_after_a_word_only_continuations_that_start_a_word_count():
+    """A prompt ending inside a word ("...ab"): "b " would only finish it, as "ها" finishes "کتاب" or "ing" "weath".
+    With ``after_word`` the search drops such continuations; " a" and "." remain (probabilities as without it)."""
+    tok = CharTokenizer()
+    table = {"": {1: 0.5, 2: 0.3, 3: 0.2}, "b": {2: 1.0}, " ": {0: 1.0}, " a": {2: 1.0}}
+
+    def logits_for(text):
+        out = np.full(6, -1e9)
+        for i, p in table.get(text, {4: 1.0}).items():
+            out[i] = math.log(p)
+        return out
+
+    def step(ids, state):
+        texts = [t + tok.decode([int(i)]) for t, i in zip(state, ids, strict=True)]
+        return np.stack([logits_for(t) for t in texts]), texts
+
+    def search(after_word):
+        found = next_words(step, [""], logits_for(""), tok, take=lambda s, rows: [s[r] for r in rows], k=5, beam=4,
+                           split=lambda t: [p.strip() for p in tok.segment(t, "en") if p.strip()], after_word=after_word)
+        return {w: pytest.approx(p) for w, p in found}
+
+    assert search(False) == {"b": 0.5, "a": 0.3, ".": 0.2}
+    assert search(True) == {"a": 0.3, ".": 0.2}
+
+
+@pytest.mark.parametrize("text,lang,inside", [
+    ("the weath", "en", True), ("the weather ", "en", False), ("کتاب", "fa", True), ("کتاب\u200c", "fa", True),
+    ("سلام،", "fa", False), ("(", "en", False), ("北京是中国的", "zh", False), ("", "en", False), ("v2", "en", True),
+])
+def test_ends_inside_word(text, lang, inside):
+    from sokhan.export.nextword import ends_inside_word
+
+    assert ends_inside_word(text, lang) is inside
+
+
+def test_next_words_stay_inside_the_context_limit(decoder):
+    """A prompt a few tokens short of max_context: the search's own steps ran past it ("context of 1025 tokens
+    exceeds the model's max_context = 1024") where generate stopped cleanly."""
+    words = "the big house with the good book ".split()
+    text = " ".join(words[i % len(words)] for i in range(2000))
+    ids = decoder.encode_prompt(text, "en")
+    cut = decoder.tokenizer.decode(ids[1:decoder.max_context - 2])  # about max_context - 3 tokens with the tag
+    found = decoder.next_words(cut, k=3, lang="en")
+    assert 1 <= len(found) <= 3
+
+
 def test_first_word_boundaries():
     split = CharTokenizer().segment
     words = lambda t: [p.strip() for p in split(t, "en") if p.strip()]  # noqa: E731
@@ -265,6 +311,9 @@ def test_cli_generate_and_predict(bundle, capsys):
 
     assert main(["generate", "--bundle", str(bundle), "--prompt", "i saw", "--max-new-tokens", "5", "--provider", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("i saw")
+    # The prompt is shown as the model read it: Arabic ي/ك as Persian ی/ک, no doubled space before the continuation.
+    assert main(["generate", "--bundle", str(bundle), "--prompt", "علي كتاب ", "--max-new-tokens", "3", "--provider", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("علی کتاب")
     assert main(["predict", "--bundle", str(bundle), "-k", "2", "--provider", "cpu", "i saw the"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert 1 <= len(lines) <= 2 and all(float(line.split("\t")[0]) >= 0 for line in lines)
