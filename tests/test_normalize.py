@@ -33,7 +33,11 @@ ZWNJ = "\u200c"
         pytest.param("ایمیل me@x.com و http://a.b/c", "ایمیل me@x.com و http://a.b/c", id="email-url-intact"),
         pytest.param("ساقی بیار می", "ساقی بیار می", id="mi-the-word-stays"),
         pytest.param("١٢٣ و 456", "۱۲۳ و ۴۵۶", id="digits-persian"),
-        pytest.param("اتاق B2 و فایل mp3 و COVID-19", "اتاق B2 و فایل mp3 و COVID-۱۹", id="digits-in-latin-words-stay"),
+        pytest.param("اتاق B2 و فایل mp3 و COVID-19", "اتاق B2 و فایل mp3 و COVID-19", id="digits-in-latin-words-stay"),
+        # hazm's decimal rule and the digit conversion used to reach into these: v2٫۰, ali.۱۹۹۰@..., .../۲۰۲۴/...
+        pytest.param("نسخه v2.0 از ali.1990@gmail.com و https://x.org/2024/01/post_5",
+                     "نسخه v2.0 از ali.1990@gmail.com و https://x.org/2024/01/post_5", id="latin-spans-untouched"),
+        pytest.param("آدرس 192.168.1.1 و 10.450", "آدرس ۱۹۲.۱۶۸.۱.۱ و ۱۰٫۴۵۰", id="dotted-run-is-no-decimal"),
         pytest.param("شاخههای درخت", f"شاخه{ZWNJ}های درخت", id="heh-ha-split"),
         pytest.param("مدرسه ها تعطیل شده اند.", f"مدرسه{ZWNJ}ها تعطیل شده{ZWNJ}اند.", id="plural-and-clitic-before-punctuation"),
         # hazm's token_spacing would glue these: a verb phrase, and the poetic "O" and "if".
@@ -105,6 +109,10 @@ def test_persian_digit_policies():
     assert normalize(raw, "fa", digits="persian") == "۱۲۳ ۴۵۶ ۷۸۹"
     assert normalize(raw, "fa", digits="latin") == "123 456 789"
     assert normalize(raw, "fa", digits="keep") == raw
+    # The decimal separator follows the digits: ٫ between Persian ones, a dot between Latin ones (it was 3٫14).
+    assert normalize("3.14 و ۲٫۵", "fa", digits="latin") == "3.14 و 2.5"
+    assert normalize("3.14 و ۲.۵", "fa", digits="keep") == "3.14 و ۲٫۵"
+    assert normalize("3.14", "fa", digits="persian") == "۳٫۱۴"
 
 
 def test_persian_diacritics_kept_when_asked():

@@ -15,8 +15,12 @@ Persian (``fa``): NFKC, then hazm 0.10's ``Normalizer`` steps, except two that m
   Hafez, many of them wrong).
 - ``persian_numbers`` also rewrites digits inside Latin words (``B2`` -> ``B۲``).
 
-Kept from hazm: Arabic -> Persian letters (ي -> ی, ك -> ک, presentation forms -> letters), Persian quotes and decimal
-separator (``persian_style``), diacritics removal (configurable), removal of Quranic marks, ligature expansion
+and one rule of a third: ``persian_style`` turns every dot between two digits into the Persian decimal separator ٫,
+in URLs, e-mail addresses, versions and IP addresses too (``v2.0`` -> ``v2٫0``), and between Latin digits that stay
+Latin (``3.14`` -> ``3٫14`` with ``digits = latin``).
+
+Kept from hazm: Arabic -> Persian letters (ي -> ی, ك -> ک, presentation forms -> letters), Persian quotes and
+ellipsis (``persian_style``), diacritics removal (configurable), removal of Quranic marks, ligature expansion
 (﷽, ﷲ), squeezing of letters repeated three or more times, and the dictionary-checked ``می``/``نمی`` prefix join
 (``میخواهم`` -> ``می‌خواهم``, ``میز`` stays). ZWNJ fixes (ours, conservative): tatweel (ـ) removed; ZWNJ runs
 squeezed to one; a ZWNJ typed with a space beside it between two Arabic-script words kept and the space dropped
@@ -28,8 +32,11 @@ conjugation list knows the result, alone or with an object clitic ``م ت ش م�
 ``هنوز می نچشید``, ``به می بفروشیم`` in Hafez are "wine": 3 of the 5 such cases in Hafez). The
 plural suffix ``ها``/``های``/``هایی`` joined to the word before it (``کتاب ها`` -> ``کتاب‌ها``, ``شاخههای`` ->
 ``شاخه‌های``); the clitics ``ام ات اش ایم اید اند`` joined after a word ending in ``ه`` (``شده اند`` -> ``شده‌اند``).
-Digits (``digits``): ``persian`` turns Arabic-Indic ٠-٩ into ۰-۹ and Latin 0-9 into ۰-۹ except inside Latin words
-(``B2``, ``mp3`` stay), % into ٪; ``latin`` turns Persian and Arabic-Indic digits into 0-9; ``keep`` leaves them.
+Digits (``digits``): ``persian`` turns Arabic-Indic ٠-٩ into ۰-۹ and Latin 0-9 into ۰-۹ except in a run of
+non-space characters holding a Latin letter (``B2``, ``mp3``, ``COVID-19``, URLs, e-mail addresses stay), % into ٪;
+``latin`` turns Persian and Arabic-Indic digits into 0-9 (and ٫ between them into .); ``keep`` leaves them. A
+number with one dot in Persian or Arabic-Indic digits gets the Persian decimal separator (``۳.۱۴`` -> ``۳٫۱۴``,
+so ``3.14`` -> ``۳٫۱۴`` with ``persian``); a run of several dots (``۱۹۲.۱۶۸.۱.۱``) is no decimal and keeps them.
 
 Chinese (``zh``): NFKC *except* the full-width punctuation that Chinese typography uses: ，。！？：；（）「」『』【】
 《》、～ and the rest of U+FF01-FF0F, FF1A-FF20, FF3B-FF40, FF5B-FF60, the full-width currency signs FFE0-FFE6, and
@@ -73,7 +80,11 @@ _LIGATURES = re.compile("[\ufdf0-\ufdfd\ufef5-\ufefc]")
 _TO_LATIN = str.maketrans("۰۱۲۳۴۵۶۷۸۹٠١٢٣٤٥٦٧٨٩", "01234567890123456789")
 _ARABIC_INDIC_TO_PERSIAN = str.maketrans("٠١٢٣٤٥٦٧٨٩%", "۰۱۲۳۴۵۶۷۸۹٪")
 _LATIN_TO_PERSIAN = str.maketrans("0123456789", "۰۱۲۳۴۵۶۷۸۹")
-_LATIN_DIGIT_RUN = re.compile("(?<![A-Za-z0-9])[0-9]+(?![A-Za-z0-9])")  # not part of a Latin word like B2
+_NONSPACE = re.compile(r"\S+")
+_ASCII_LETTER = re.compile("[A-Za-z]")
+# A decimal: one separator between digits, the number not part of a longer dotted run (192.168.1.1, 1.2.3).
+_DECIMAL = re.compile("(?<![0-9۰-۹٠-٩.٫])([۰-۹٠-٩]+)\\.([۰-۹٠-٩]+)(?![0-9۰-۹٠-٩.٫])")
+_PERSIAN_DECIMAL = re.compile("(?<=[0-9])٫(?=[0-9])")
 _ARABIC_LETTERS = frozenset("آابپتثجچحخدذرزژسشصضطظعغفقکگلمنوهیئءؤأإة")
 _PLURAL = frozenset(("ها", "های", "هایی"))
 _CLITICS = frozenset(("ام", "ات", "اش", "ایم", "اید", "اند"))
@@ -111,9 +122,16 @@ def _hazm():
     return n, maketrans(n.translation_src, n.translation_dst)
 
 
+def _outside_latin(step, text: str) -> str:
+    """``step`` applied to each run of non-space characters that holds no Latin letter: a Latin word, URL, e-mail
+    address or version (``B2``, ``COVID-19``, ``https://x.org/2024/post_5``, ``a.b1990@x.com``, ``v2.0``) is left
+    as it is."""
+    return _NONSPACE.sub(lambda m: m.group() if _ASCII_LETTER.search(m.group()) else step(m.group()), text)
+
+
 def _persian_digits(text: str) -> str:
     text = text.translate(_ARABIC_INDIC_TO_PERSIAN)
-    return _LATIN_DIGIT_RUN.sub(lambda m: m.group().translate(_LATIN_TO_PERSIAN), text)
+    return _outside_latin(lambda w: w.translate(_LATIN_TO_PERSIAN), text)
 
 
 def _is_verb(word: str, verbs) -> bool:
@@ -163,6 +181,19 @@ def _fixpoint(step, text: str) -> str:
     return text
 
 
+def _persian_style(hz, text: str) -> str:
+    """hazm's ``persian_style`` (quotes -> «», ``...`` -> ``…``) without its decimal rule, which also rewrote the
+    dots of URLs, e-mail addresses, versions and IP addresses (``v2.0`` -> ``v2٫0``); ``_DECIMAL`` replaces it."""
+    for pattern, repl in _persian_style_patterns(hz):
+        text = pattern.sub(repl, text)
+    return text
+
+
+@functools.lru_cache(maxsize=1)
+def _persian_style_patterns(hz) -> list:
+    return [(re.compile(p), r) for p, r in hz.persian_style_patterns if "٫" not in r]
+
+
 def _persian(text: str, digits: Digits, remove_diacritics: bool) -> str:
     # hazm 0.10's Normalizer.normalize step by step, without correct_spacing and persian_numbers (see the module
     # docstring), with its letter table built once: normalize() rebuilds it on every call, half its time.
@@ -181,11 +212,13 @@ def _persian(text: str, digits: Digits, remove_diacritics: bool) -> str:
     if text != folded:  # NFKC again: a removal can leave marks out of canonical order or composable (ا + ٓ -> آ)
         text = unicodedata.normalize("NFKC", text).translate(letters)
     text = _zwnj(text)
-    text = _fixpoint(hz.persian_style, text)
+    text = _fixpoint(functools.partial(_persian_style, hz), text)
     if digits == "persian":
         text = _persian_digits(text)
     elif digits == "latin":
-        text = text.translate(_TO_LATIN)
+        text = _PERSIAN_DECIMAL.sub(".", text.translate(_TO_LATIN))
+    # The Persian decimal separator, between Persian digits only: 3.14 stays as it is where digits stay Latin.
+    text = _outside_latin(lambda w: _DECIMAL.sub("\\1٫\\2", w), text)
     text = _fixpoint(hz.decrease_repeated_chars, text)
     text = _zwnj(hz.seperate_mi(_HEH_HA.sub("\u200c", text)))  # after _HEH_HA: seperate_mi reads its ZWNJ
     return " ".join(_join_affixes(_collapse(text).split(" "), hz.verbs))
