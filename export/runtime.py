@@ -487,8 +487,13 @@ class Decoder:
             loop = CacheLoop(self.graph, state, min(reach, self.max_context) if self.max_context else reach)
         else:
             loop = None
+        # Language tags, bos and pad never occur inside a line (training never predicts them): a sampled one would
+        # be fed back and then left out of the text without a word. <|eos|> stays, it ends the line.
+        banned = np.array([i for i in self.config["special_tokens"].values() if i != self.eos], dtype=np.int64)
         new: list[int] = []
         for n in range(max_new_tokens):
+            logits = np.array(logits, dtype=np.float32, copy=True)
+            logits[:, banned] = -np.inf
             token = int(sample(logits, temperature, top_k, rng)[0])
             if token == self.eos:
                 break

@@ -43,18 +43,37 @@ def test_greedy_generation_is_the_torch_greedy_continuation(arch):
     model, _ = load_model(tiny_run(arch) / "train")
     ids = decoder.encode_prompt("i saw the book", "en")
     assert ids[0] == decoder.tokenizer.lang_id("en")
+    banned = [i for i in decoder.tokenizer.special_tokens.values() if i != decoder.eos]  # never generated
     with torch.no_grad():
         logits, state = model.prefill(torch.tensor([ids]))
         want = []
-        nxt = int(logits[0, -1].argmax())
+        nxt = int(logits[0, -1].index_fill(0, torch.tensor(banned), -torch.inf).argmax())
         for _ in range(10):
             if nxt == decoder.eos:
                 break
             want.append(nxt)
             logits, state = model.step(torch.tensor([nxt]), state)
-            nxt = int(logits[0].argmax())
+            nxt = int(logits[0].index_fill(0, torch.tensor(banned), -torch.inf).argmax())
     got = decoder.generate("i saw the book", max_new_tokens=len(want), lang="en")
     assert got == decoder.tokenizer.decode(want)
+
+
+def test_generate_never_emits_a_language_tag_bos_or_pad(decoder, monkeypatch):
+    """Sampling could pick them (then fed back, then left out of the text without a word); only <|eos|> may end."""
+    import sokhan.export.runtime as runtime
+
+    seen = []
+    real = runtime.sample
+
+    def spy(logits, *args):
+        seen.append(logits.copy())
+        return real(logits, *args)
+
+    monkeypatch.setattr(runtime, "sample", spy)
+    decoder.generate("the book", 4, temperature=1.0, seed=0, lang="en")
+    specials = decoder.tokenizer.special_tokens
+    banned = [i for name, i in specials.items() if name != "<|eos|>"]
+    assert seen and banned and all(np.isneginf(x[:, banned]).all() and np.isfinite(x[:, specials["<|eos|>"]]).all() for x in seen)
 
 
 def test_step_loop_is_the_step_api_in_place():
