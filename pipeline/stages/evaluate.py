@@ -232,10 +232,9 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
     decoder = None
     if bundle is not None:
         from sokhan.export.runtime import Decoder
-
-        decoder = Decoder(bundle, provider="cpu", graph=graph)
         from sokhan.pipeline.config import to_dict
 
+        decoder = Decoder(bundle, provider="cpu", graph=graph)
         exported, trained = decoder.config.get("model", {}), to_dict(mcfg)
         differ = [k for k in sorted(trained) if k in exported and exported[k] != trained[k]]
         if differ:  # the same tokenizer, another model (the other architecture, or a retrained size)
