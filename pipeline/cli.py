@@ -84,7 +84,8 @@ def _resolve_config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sokhan.pipeline.stage import CONFIG_FILE, STAGES, atomic_write, run_stage, save_run_config, stage_module
+    from sokhan.pipeline.stage import (CONFIG_FILE, STAGES, atomic_write, kept_work, run_stage, save_run_config,
+                                       stage_module)
 
     config = _resolve_config(args)
     if args.command == "run":
@@ -112,8 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         raise
     except BaseException:
-        stamps = [Path(args.run_dir) / f"{name}.partial" / ".fingerprint" for name in names]
-        if any(p.exists() and p.stat().st_mtime >= started for p in stamps):
+        if any(kept_work(name, args.run_dir, started) for name in names):
             raise  # a resumable stage started (or resumed) under this config and kept its checkpoints
         if previous is None:
             path.unlink(missing_ok=True)

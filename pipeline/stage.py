@@ -6,7 +6,8 @@ A stage is a module in ``sokhan.pipeline.stages`` that defines
 - ``UPSTREAM``: the stages whose outputs it reads,
 - ``run(ctx: StageContext) -> dict``: does the work, writes into ``ctx.out``, returns metrics,
 - optionally ``inputs(config) -> list[Path]``: files outside the run directory it reads (the corpus),
-- optionally ``RESUMABLE = True``: a killed run's ``ctx.out`` is kept for the next attempt (train),
+- optionally ``RESUMABLE = True``: a killed run's ``ctx.out`` is kept for the next attempt (train), and
+  ``resumable_work(partial_dir) -> bool``: whether it holds anything to resume from (checkpoints),
 - optionally ``add_arguments(parser)``: flags of its own for ``sokhan <stage>``,
 - optionally ``skipped(final_dir, args)``: called when the stage is up to date and not run (evaluate prints its
   stored report).
@@ -340,6 +341,17 @@ def _changes(recorded: Path, now: dict[str, Any], most: int = 3) -> str:
     if not keys:  # the same inputs under another fingerprint: the fingerprint's own recipe changed
         return "its fingerprint, though not its recorded inputs"
     return ", ".join(items) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def kept_work(name: str, run_dir: Path, since: float) -> bool:
+    """Whether stage ``name`` started (or resumed) at or after ``since`` and left work to resume from: its partial
+    folder's stamp is that recent and, where the stage says what counts (``resumable_work``), the work is there."""
+    partial = Path(run_dir) / f"{name}.partial"
+    stamp = partial / ".fingerprint"
+    if not stamp.exists() or stamp.stat().st_mtime < since:
+        return False
+    check = getattr(stage_module(name), "resumable_work", None)
+    return check(partial) if check else True
 
 
 def save_run_config(run_dir: Path, config: RunConfig) -> None:

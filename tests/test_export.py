@@ -154,6 +154,13 @@ def test_quantized_and_fp16_variants_judged_by_agreement():
         assert v["max_abs_logit_diff"] > 0
     int8 = onnx.load(str(bundle / "decoder.int8.onnx"))
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in int8.graph.node)
+    # Every graph's metadata is the final config (it said "variants": {}), with the graph's own state dtypes (the
+    # fp16 and int8 graphs claimed a float32 state).
+    want = {"decoder.onnx": "float32", "decoder.fp16.onnx": "float16", "decoder.int8.onnx": "int8"}
+    for file in ["decoder.onnx", *cfg["variants"].values()]:
+        meta = json.loads({p.key: p.value for p in onnx.load(str(bundle / file)).metadata_props}["sokhan.config"])
+        assert meta["variants"] == cfg["variants"], file
+        assert {e["dtype"] for e in meta["state"]} == {want[file]}, file
 
 
 def test_int8_quantization_of_the_mamba_step(tmp_path):

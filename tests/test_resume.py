@@ -155,3 +155,43 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(base, tmp_path,
         (folder / ckpt.MODEL_FILE).write_bytes(b"")
     with pytest.raises(SokhanError, match="no readable checkpoint to resume from .*--force"):
         run_stage("train", cfg, keep)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_keeps_the_previous_config(base, tmp_path, capsys):
+    """Diverging at step 2, before any checkpoint: there is nothing to resume, so the rejected settings must not stay
+    in config.json for the next command (they did: a stamp in train.partial counted as work)."""
+    from sokhan.pipeline.cli import main
+
+    run = _copy(base, tmp_path / "nan")
+    save_run_config(run, tiny_config())
+    before = (run / "config.json").read_bytes()
+    assert main(["train", "--run-dir", str(run), "--set", "train.lr=1e6", "--set", "train.min_lr=1",
+                 "--set", "train.warmup_steps=0", "--set", "train.ckpt_every=5"]) != 0
+    assert "nan" in capsys.readouterr().err.lower()
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_resuming_with_another_process_count_says_it_will_not_repeat(base, tmp_path, capsys):
+    run = _copy(base, tmp_path / "ws")
+    cfg = tiny_config("train.steps=10", "train.ckpt_every=2", "train.eval_every=5")
+    real = ckpt.save_checkpoint
+
+    def save_then_die(root, step, *args, **kwargs):
+        out = real(root, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt
+        return out
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as m:
+        m.setattr(ckpt, "save_checkpoint", save_then_die)
+        with _pytest.raises(KeyboardInterrupt):
+            run_stage("train", cfg, run)
+    state_file = run / "train.partial" / "checkpoints" / "step_000004" / ckpt.STATE_JSON
+    state = json.loads(state_file.read_text())
+    assert state["world_size"] == 1
+    state_file.write_text(json.dumps(dict(state, world_size=2)))  # as if it had run under torchrun with 2
+    capsys.readouterr()
+    run_stage("train", cfg, run)
+    assert "the interrupted run had 2 process(es), this one has 1" in capsys.readouterr().err

@@ -37,7 +37,7 @@ class ExportConfig:
     prefill: bool = False
     """Also export ``prefill.onnx``: the whole prompt in one call, from an empty state to the step graph's state."""
     precision: Literal["fp32", "fp16"] = "fp32"
-    """``fp16``: also ``decoder.fp16.onnx`` (float16 weights and arithmetic, float32 inputs and outputs)."""
+    """``fp16``: also ``decoder.fp16.onnx`` (float16 weights, arithmetic and state; float32 logits)."""
     quantize: Literal["none", "int8"] = "none"
     """``int8``: also ``decoder.int8.onnx``: ONNX Runtime dynamic quantization of the matrix weights (a scale per output
     channel) and, for a transformer whose attention is ``GroupQueryAttention``, an int8 KV cache whose scales are
@@ -251,6 +251,14 @@ def run(ctx) -> dict:
                 log(f"export: {file} below the {cfg.agreement_target:.0%} agreement target, left out of the bundle")
                 (bundle / file).unlink()
         write_json(bundle / CONFIG, config)
+        # Each graph carries the final config (with the variants that were kept), and a variant its own state dtypes
+        # (float16, or an int8 KV cache), which the graph's inputs declare.
+        for graph in [DECODER] + (["prefill.onnx"] if cfg.prefill else []):
+            onnx_export.write_metadata(bundle / graph, config)
+        for file in config["variants"].values():
+            specs = Decoder(bundle, provider="cpu", graph=file).specs
+            state = [dict(entry, dtype=spec.dtype) for entry, spec in zip(config["state"], specs, strict=True)]
+            onnx_export.write_metadata(bundle / file, dict(config, state=state), check=False)
     write_json(bundle / "parity.json", report)
 
     extra = "".join(f"| `{f}` | {n} variant of the step (top-1 agreement with fp32: {report['variants'][n]['top1_agreement']:.1%}) |\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from sokhan import SokhanError
@@ -71,6 +72,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in RUN/train.partial from its newest checkpoint "
                              "(automatic when one is there with the same config; this flag makes its absence an error)")
+
+
+def resumable_work(partial: Path) -> bool:
+    """An interrupted run can be resumed once it has written a checkpoint."""
+    from sokhan.pipeline.train.checkpoint import checkpoints
+
+    return bool(checkpoints(partial / "checkpoints"))
 
 
 def run(ctx) -> dict:

@@ -218,6 +218,11 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
         best_step = state.get("best_step")
         if world.main:
             log(f"train: resuming from {ckpt.step_dir(root, start)}")
+            was = state.get("world_size", 1)
+            if was != world.size:  # each process draws its own batches: the steps from here see other data
+                log(f"train: the interrupted run had {was} process(es), this one has {world.size}: each step now takes "
+                    f"{world.size}/{was} as many windows, so the run continues but no longer repeats the uninterrupted one "
+                    f"(resume with {was} for that)")
 
     forward = torch.compile(model) if cfg.compile else model
     train_model = ddp.wrap(forward, world, device)
