@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,8 +85,8 @@ def _resolve_config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sokhan.pipeline.stage import (CONFIG_FILE, STAGES, atomic_write, kept_work, run_stage, save_run_config,
-                                       stage_module)
+    from sokhan.pipeline.stage import (CONFIG_FILE, STAGES, atomic_write, kept_work, lock_run_dir, run_stage,
+                                       save_run_config, stage_module)
 
     config = _resolve_config(args)
     if args.command == "run":
@@ -102,6 +103,8 @@ def _run(args: argparse.Namespace) -> int:
     # The run's config is saved before the stages run, so that an interrupted stage resumes under the same config
     # when it is rerun without the --set flags. A command that fails and keeps no work to resume puts the previous
     # config back, so that a rejected --set is not inherited by the next command.
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's other processes work under the first one's lock
+        lock = lock_run_dir(args.run_dir)  # noqa: F841 (held while this command runs)
     path = Path(args.run_dir) / CONFIG_FILE
     previous = path.read_bytes() if path.exists() else None
     started = time.time()

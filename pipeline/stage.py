@@ -343,6 +343,38 @@ def _changes(recorded: Path, now: dict[str, Any], most: int = 3) -> str:
     return ", ".join(items) + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
+LOCK_FILE = ".sokhan.lock"
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold ``RUN/.sokhan.lock`` for the rest of this process, or a SokhanError if another command holds it.
+
+    Two commands working in one run directory would trample each other's partial folders (one resuming the
+    checkpoints the other is writing). The lock is an advisory ``flock``, released by the kernel when the process
+    ends however it ends, so a killed command never leaves a stale lock. Returns the open file (keep it alive).
+    Where ``fcntl`` does not exist (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise SokhanError(f"{run_dir}: another sokhan command is working in this run directory ({holder}); "
+                          "wait for it to finish or stop it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
 def kept_work(name: str, run_dir: Path, since: float) -> bool:
     """Whether stage ``name`` started (or resumed) at or after ``since`` and left work to resume from: its partial
     folder's stamp is that recent and, where the stage says what counts (``resumable_work``), the work is there."""

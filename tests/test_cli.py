@@ -62,3 +62,20 @@ def test_a_failed_command_does_not_leave_its_settings_in_the_run(tmp_path, capsy
     assert "nowhere.txt" in capsys.readouterr().err
     assert (run / "config.json").read_bytes() == before
     assert json.loads(before)["corpus"]["paths"][0]["path"] != "nowhere.txt"
+
+
+def test_a_second_command_in_a_busy_run_directory_is_refused(tmp_path, capsys):
+    """Two commands in one run directory trampled each other (a resume racing a run: a FileNotFoundError traceback)."""
+    import fcntl
+
+    run = tmp_path / "r"
+    run.mkdir()
+    with open(run / ".sokhan.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345")
+        held.flush()
+        assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize"]) == 2
+        err = capsys.readouterr().err
+        assert f"{run}: another sokhan command is working in this run directory (pid 12345)" in err
+        assert not (run / "normalize").exists() and not (run / "config.json").exists()
+    assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize"]) == 0  # released: it runs
