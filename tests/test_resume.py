@@ -42,6 +42,22 @@ def base(tmp_path_factory):
     return run
 
 
+def _interrupt_after_checkpoint(run, cfg, step, monkeypatch):
+    """Train ``run`` until checkpoint ``step`` is on disk, then stop there as Ctrl-C would."""
+    real = ckpt.save_checkpoint
+
+    def save_then_die(root, at, *args, **kwargs):
+        out = real(root, at, *args, **kwargs)
+        if at == step:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("train", cfg, run)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+
+
 def _copy(base, dest):
     shutil.copytree(base, dest)
     return dest
@@ -54,18 +70,7 @@ def test_interrupted_after_a_checkpoint_resumes_exactly(base, tmp_path, monkeypa
     whole = run_stage("train", cfg, _copy(base, tmp_path / "whole"))
 
     run = _copy(base, tmp_path / "killed")
-    real = ckpt.save_checkpoint
-
-    def save_then_die(root, step, *args, **kwargs):
-        out = real(root, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt  # as if the process were killed right after checkpoint 4 reached the disk
-        return out
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage("train", cfg, run)
-    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    _interrupt_after_checkpoint(run, cfg, 4, monkeypatch)  # as if killed right after checkpoint 4 reached the disk
     assert not (run / "train").exists() and (run / "train.partial" / "checkpoints" / "step_000004").is_dir()
 
     resumed = run_stage("train", cfg, run)
@@ -127,18 +132,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(base, tmp_path,
     run_stage("train", cfg, _copy(base, tmp_path / "whole"))
 
     run = _copy(base, tmp_path / "killed")
-    real = ckpt.save_checkpoint
-
-    def save_then_die(root, step, *args, **kwargs):
-        out = real(root, step, *args, **kwargs)
-        if step == 6:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage("train", cfg, run)
-    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    _interrupt_after_checkpoint(run, cfg, 6, monkeypatch)
     root = run / "train.partial" / "checkpoints"
     weights = ckpt.step_dir(root, 6) / ckpt.MODEL_FILE
     weights.write_bytes(weights.read_bytes()[:100])
@@ -171,23 +165,10 @@ def test_a_run_that_fails_before_its_first_checkpoint_keeps_the_previous_config(
     assert (run / "config.json").read_bytes() == before
 
 
-def test_resuming_with_another_process_count_says_it_will_not_repeat(base, tmp_path, capsys):
+def test_resuming_with_another_process_count_says_it_will_not_repeat(base, tmp_path, monkeypatch, capsys):
     run = _copy(base, tmp_path / "ws")
     cfg = tiny_config("train.steps=10", "train.ckpt_every=2", "train.eval_every=5")
-    real = ckpt.save_checkpoint
-
-    def save_then_die(root, step, *args, **kwargs):
-        out = real(root, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt
-        return out
-
-    import pytest as _pytest
-
-    with _pytest.MonkeyPatch.context() as m:
-        m.setattr(ckpt, "save_checkpoint", save_then_die)
-        with _pytest.raises(KeyboardInterrupt):
-            run_stage("train", cfg, run)
+    _interrupt_after_checkpoint(run, cfg, 4, monkeypatch)
     state_file = run / "train.partial" / "checkpoints" / "step_000004" / ckpt.STATE_JSON
     state = json.loads(state_file.read_text())
     assert state["world_size"] == 1
