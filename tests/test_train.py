@@ -188,6 +188,19 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert [s for s, _ in ckpt.checkpoints(run / "train.partial" / "checkpoints")] == [2, 4]
 
 
+def test_nan_validation_loss_stops_the_run_too(tmp_path, monkeypatch):
+    """A finite training loss but a NaN on the held-out batches was written into metrics.jsonl as a bare NaN (not
+    JSON) and the run went on."""
+    run = make_tiny_run(tmp_path)
+    cfg = tiny_config("train.steps=8", "train.ckpt_every=2", "train.eval_every=4")
+    run_stage("embed", cfg, run)
+    monkeypatch.setattr(loop, "evaluate", lambda *args: float("nan"))
+    with pytest.raises(SokhanError, match=r"validation loss is nan at step 4; stopped \(the last good checkpoint is .*step_000002\)"):
+        run_stage("train", cfg, run)
+    for line in (run / "train.partial" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+
+
 def test_embedding_table_of_the_wrong_shape_is_refused(tmp_path):
     run = make_tiny_run(tmp_path)
     run_stage("embed", tiny_config("model.d_model=16", "model.n_heads=2"), run)

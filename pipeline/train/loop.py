@@ -282,6 +282,8 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
                    "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
             if world.main and (step % cfg.eval_every == 0 or step == cfg.steps):
                 rec["val_loss"] = evaluate(model, val_batches, device, autocast)
+                if not math.isfinite(rec["val_loss"]):  # finite training loss, overflow on held-out text: diverged too
+                    raise _diverged(f"validation loss is {rec['val_loss']}", step, root, cfg)
                 if rec["val_loss"] < best_val:
                     best_val, best_step = rec["val_loss"], step
                     ckpt.save_model_folder(root / "best", model, run_config, {"step": step, "val_loss": best_val})
