@@ -279,7 +279,7 @@ def nextword_ranks(
         line = int(np.searchsorted(text.line_starts, target, side="right")) - 1
         before = tokenizer.decode(text.tokens[text.line_starts[line] + 1 : target].tolist())  # the line so far
         found = next_words(model.step, state, logits, tokenizer, take=model.take, k=k, beam=beam, max_tokens=max_tokens,
-                           split=split, after_word=ends_inside_word(before, text.lang))
+                           lang=text.lang, split=split, after_word=ends_inside_word(before, text.lang))
         words = [w for w, _ in found]
         if gold in words:
             ranks[i] = words.index(gold)

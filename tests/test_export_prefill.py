@@ -23,7 +23,7 @@ from sokhan.export.runtime import Decoder, open_session
 from sokhan.kernels.selective_scan.reference import selective_scan_ref
 from sokhan.kernels.selective_scan.scan_hop import selective_scan_hop
 from sokhan.pipeline.models import ModelConfig, build
-from tiny_bundle import config, tampered, tiny_bundle, tiny_run
+from tiny_bundle import config, tampered, tiny_run
 
 ATOL = 1e-4  # float32 graph against float32 PyTorch: logits O(1), states O(0.1..1)
 VOCAB = 101

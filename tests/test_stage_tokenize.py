@@ -170,3 +170,20 @@ def test_a_corpus_too_small_for_the_vocabulary_says_so(tmp_path, capsys):
     got = json.loads((run / "tokenize" / "meta.json").read_text())["vocab_size"]
     assert got < 60000
     assert f"the corpus gave {got} tokens, fewer than tokenize.vocab_size = 60000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.pop("vocab_size"), lambda m: m.update(vocab_size="8000"), lambda m: m.update(special_tokens={}),
+    lambda m: m.pop("dtype"),
+])
+def test_a_damaged_meta_json_is_named_in_one_line(tmp_path, edit):
+    """Later stages read meta.json's fields; a hand-edited one ended in a KeyError traceback inside evaluate."""
+    from sokhan.pipeline.stages.tokenize import read_meta
+
+    good = {"dtype": "uint16", "vocab_size": 300, "special_tokens": {"<|eos|>": 1}, "tokens": {}}
+    (tmp_path / "meta.json").write_text(json.dumps(good))
+    assert read_meta(tmp_path) == good
+    edit(good)
+    (tmp_path / "meta.json").write_text(json.dumps(good))
+    with pytest.raises(SokhanError, match=r"meta.json: field '\w+' is missing or malformed .*sokhan tokenize --force"):
+        read_meta(tmp_path)

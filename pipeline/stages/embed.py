@@ -56,10 +56,11 @@ def run(ctx) -> dict:
     from safetensors.numpy import save
 
     from sokhan.pipeline.embedding import token_languages
-    from sokhan.pipeline.stage import atomic_write, read_json
+    from sokhan.pipeline.stage import atomic_write
+    from sokhan.pipeline.stages.tokenize import read_meta
 
     tokenize_dir = ctx.upstream("tokenize")
-    meta = read_json(tokenize_dir / "meta.json")
+    meta = read_meta(tokenize_dir)
     vocab = int(meta["vocab_size"])
     d_model = ctx.config.model.resolve(vocab).d_model
     cfg: EmbedConfig = ctx.config.embed
@@ -87,7 +88,8 @@ def direct(args, config) -> bool:
 def inspect(config, run_dir: Path) -> None:
     """``sokhan embed --inspect``: the trained model's input embeddings, drawn and queried like the initial ones."""
     from sokhan.pipeline.embedding import token_languages
-    from sokhan.pipeline.stage import log, read_json, require_trained
+    from sokhan.pipeline.stage import log, require_trained
+    from sokhan.pipeline.stages.tokenize import read_meta
     from sokhan.pipeline.train.checkpoint import load_model
 
     run_dir = Path(run_dir)
@@ -95,7 +97,7 @@ def inspect(config, run_dir: Path) -> None:
     require_trained(run_dir, "sokhan embed --inspect")
     model, mcfg = load_model(train_dir)
     table = model.get_input_embeddings().weight.detach().float().numpy()
-    meta = read_json(tokenize_dir / "meta.json")
+    meta = read_meta(tokenize_dir)
     langs = token_languages(_shard(tokenize_dir, meta, "train"), meta)
     _report(table, langs, tokenize_dir, config.embed, train_dir / "neighbours_trained.json",
                      train_dir / "embeddings_trained.png", f"trained {mcfg.arch} embeddings ({table.shape[0]} × {table.shape[1]})")

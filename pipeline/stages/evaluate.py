@@ -204,10 +204,11 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
     from sokhan.pipeline import scoring
     from sokhan.pipeline.ngram import KneserNey
     from sokhan.pipeline.stage import log, progress, read_json
+    from sokhan.pipeline.stages.tokenize import read_meta
     from sokhan.pipeline.train.checkpoint import load_model
     from sokhan.tokenization import Tokenizer
 
-    meta = read_json(tok_dir / "meta.json")
+    meta = read_meta(tok_dir)
     tokenizer = Tokenizer.load(tok_dir / "tokenizer.json")
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, mcfg = load_model(train_dir, device=device)

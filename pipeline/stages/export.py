@@ -171,7 +171,8 @@ def run(ctx) -> dict:
     from sokhan.export import onnx as onnx_export
     from sokhan.export import kvcache, parity, prefill, quantize
     from sokhan.export.runtime import CONFIG, DECODER, SEGMENTER, TOKENIZER, Decoder
-    from sokhan.pipeline.stage import atomic_write, log, read_json, write_json
+    from sokhan.pipeline.stage import atomic_write, log, write_json
+    from sokhan.pipeline.stages.tokenize import read_meta
     from sokhan.pipeline.train.checkpoint import load_model
     from sokhan.tokenization import Tokenizer
 
@@ -193,7 +194,7 @@ def run(ctx) -> dict:
     if cfg.prefill:
         log("export: tracing the prefill" + (" (scan over the prompt)" if mcfg.arch == "mamba" else ""))
         prefill.export_prefill(model, mcfg, bundle / "prefill.onnx", cfg.opset)
-    trained = read_json(tok_dir / "meta.json").get("tokens", {}).get("train", {})
+    trained = read_meta(tok_dir).get("tokens", {}).get("train", {})
     languages = [lang for lang, n in trained.items() if n] or None
     config = onnx_export.bundle_config(mcfg, tokenizer.special_tokens, cfg.opset, cfg.prefill, languages)
     for graph in [DECODER] + (["prefill.onnx"] if cfg.prefill else []):
@@ -231,7 +232,7 @@ def run(ctx) -> dict:
         convert = quantize.to_int8
         if config.get("kv_share_buffer"):  # the cache lives in GroupQueryAttention, which can keep it as int8
             log("export: calibrating the int8 KV cache on training text")
-            text = calibration_text(tok_dir, read_json(tok_dir / "meta.json"), length=min(256, mcfg.max_seq_len))
+            text = calibration_text(tok_dir, read_meta(tok_dir), length=min(256, mcfg.max_seq_len))
             scales = kvcache.calibrate(decoder, text)
             convert = partial(quantize.to_int8, kv_scales=scales)
         variants["int8"] = (quantize.INT8, convert)

@@ -31,6 +31,25 @@ MAX_LANG_WEIGHT = 16.0  # a weight repeats lines: training time and memory grow 
 _SEP = "\0"  # joins a line's pieces for the trip between processes; normalized text holds no control characters
 
 
+def read_meta(tok_dir) -> dict:
+    """``RUN/tokenize/meta.json`` with the fields later stages read checked, so that a damaged or hand-edited file
+    is named in one line rather than failing as a ``KeyError`` deep inside a stage."""
+    from pathlib import Path
+
+    from sokhan.pipeline.stage import read_json
+
+    path = Path(tok_dir) / "meta.json"
+    meta = read_json(path)
+    fields = {"dtype": str, "vocab_size": int, "special_tokens": dict}
+    bad = next((k for k, kind in fields.items() if not isinstance(meta, dict) or type(meta.get(k)) is not kind), None)
+    if bad is None and "<|eos|>" not in meta["special_tokens"]:
+        bad = "special_tokens"
+    if bad is not None:
+        raise SokhanError(f"{path}: field {bad!r} is missing or malformed (meta.json is written by the tokenize stage: "
+                          "run `sokhan tokenize --force` to write it again)")
+    return meta
+
+
 @dataclass
 class TokenizeConfig:
     """The subword model and the token shards."""

@@ -82,14 +82,15 @@ def resumable_work(partial: Path) -> bool:
 
 
 def run(ctx) -> dict:
-    from sokhan.pipeline.stage import log, read_json
+    from sokhan.pipeline.stage import log
+    from sokhan.pipeline.stages.tokenize import read_meta
     from sokhan.pipeline.train import ddp
     from sokhan.pipeline.train.checkpoint import checkpoints
     from sokhan.pipeline.train.loop import resolved_run_config, train
 
     tokenize_dir = ctx.upstream("tokenize")
     embed_dir = ctx.upstream("embed")
-    meta = read_json(tokenize_dir / "meta.json")
+    meta = read_meta(tokenize_dir)
     model_cfg = ctx.config.model.resolve(int(meta["vocab_size"]))
     main = ddp.is_main_process()
     cfg = ctx.config.train

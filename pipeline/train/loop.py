@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from sokhan import SokhanError
-from sokhan.pipeline.stage import atomic_write, log, progress, read_json, write_json
+from sokhan.pipeline.stage import atomic_write, log, progress, write_json
+from sokhan.pipeline.stages.tokenize import read_meta
 from sokhan.pipeline.train import checkpoint as ckpt
 from sokhan.pipeline.train import ddp
 from sokhan.pipeline.train.data import Batches, open_shard, validation_batches
@@ -183,7 +184,7 @@ def _load_newest_readable(found: list[tuple[int, Path]], model, optimizer) -> di
 def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, world, device) -> dict[str, Any]:
     from sokhan.pipeline.models import build
 
-    meta = read_json(tokenize_dir / "meta.json")
+    meta = read_meta(tokenize_dir)
     train_shard = open_shard(tokenize_dir / "train.bin", meta["dtype"], cfg.seq_len + 1)
     val_shard = open_shard(tokenize_dir / "val.bin", meta["dtype"], cfg.seq_len + 1)
 
