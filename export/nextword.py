@@ -13,7 +13,9 @@ continuation tokens alone, leading whitespace stripped) is cut into words by the
 (``Tokenizer.segment``: jieba for Chinese, hazm for Persian, runs of word characters and runs of punctuation
 otherwise), so a word here is a piece the subword model never merges across; a punctuation run is a word of its
 own. A hypothesis is finished when its text holds a word boundary after the first word (a second word has
-started, or whitespace follows the first) or when it emits ``<|eos|>``; its word is the first segment. Text that
+started, or whitespace follows the first) or when it emits ``<|eos|>``; its word is the first segment. Chinese has
+no spaces, and jieba cuts a word it has not seen whole (``织田信`` → ``织田 | 信``): while the text is the start of
+a longer word in jieba's dictionary (``Tokenizer.word_may_grow``), a second segment does not finish it. Text that
 ends inside a multi-byte character (a trailing U+FFFD from byte-level decoding) is never finished. Different token
 paths that give the same word add their probabilities: the model's probability of that next word, up to the beam.
 """
@@ -39,6 +41,8 @@ class TokenizerLike(Protocol):
 
     def segment(self, text: str, lang: str) -> list[str]: ...
 
+    # Optional: ``word_may_grow(text, lang) -> bool`` (see ``default_grows``).
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Numerically stable log-softmax over the last axis, in float64."""
@@ -62,15 +66,27 @@ def default_splitter(tokenizer: Any, lang: str | None) -> Splitter:
     return split
 
 
+def default_grows(tokenizer: Any, lang: str | None) -> Callable[[str], bool]:
+    """Whether more text could lengthen a continuation's first word although a second segment follows it:
+    ``tokenizer.word_may_grow`` (Chinese dictionary prefixes), never for a tokenizer without it."""
+    may_grow = getattr(tokenizer, "word_may_grow", None)
+    if may_grow is None:
+        return lambda text: False
+    from sokhan.tokenization import detect_language
+
+    return lambda text: may_grow(text, lang or detect_language(text) or "en")
+
+
 INVALID = "\ufffd"  # what byte-level decoding gives for bytes that are not (yet) valid UTF-8
 
 
-def first_word(text: str, split: Splitter, final: bool) -> str | None:
+def first_word(text: str, split: Splitter, final: bool, grows: Callable[[str], bool] | None = None) -> str | None:
     """The first word of a continuation once a boundary follows it (or ``final``: nothing more will come).
 
-    ``text`` is the decoded continuation. Returns None while the first word may still grow. Text with U+FFFD
-    before its end cannot become valid UTF-8 by growing; ``first_word`` returns ``INVALID`` for it, and at the
-    end only once ``final``.
+    ``text`` is the decoded continuation. Returns None while the first word may still grow: no boundary yet, or
+    only a segment boundary while ``grows(text)`` says more text could move it (see ``default_grows``). Text with
+    U+FFFD before its end cannot become valid UTF-8 by growing; ``first_word`` returns ``INVALID`` for it, and at
+    the end only once ``final``.
     """
     body = text.lstrip()
     if INVALID in body[:-1] or (final and body.endswith(INVALID)):
@@ -80,7 +96,9 @@ def first_word(text: str, split: Splitter, final: bool) -> str | None:
     pieces = split(body)
     if not pieces:
         return None
-    if final or len(pieces) >= 2 or body != body.rstrip():
+    if final or body != body.rstrip():
+        return pieces[0]
+    if len(pieces) >= 2 and not (grows is not None and grows(body)):
         return pieces[0]
     return None
 
@@ -125,6 +143,7 @@ def next_words(
     max_tokens: int = 8,
     min_prob: float = 1e-6,
     split: Splitter | None = None,
+    grows: Callable[[str], bool] | None = None,
     after_word: bool = False,
 ) -> list[tuple[str, float]]:
     """The ``k`` most likely next words and their probabilities, most likely first.
@@ -139,12 +158,14 @@ def next_words(
     extends them all. ``step_fn`` only ever sees states made by ``take`` and never reused, so it may update
     them in place.
 
+    ``split`` and ``grows`` default to ``default_splitter`` and ``default_grows`` of ``tokenizer`` and ``lang``.
     ``after_word``: the prompt ends inside a word (``ends_inside_word``); continuations that do not start with
     whitespace or punctuation are dropped, neither counted nor extended.
     """
     if k < 1 or beam < 1 or max_tokens < 1 or not 0.0 < min_prob < 1.0:
         raise ValueError("k, beam and max_tokens must be >= 1 and min_prob in (0, 1)")
     split = split or default_splitter(tokenizer, lang)
+    grows = grows or default_grows(tokenizer, lang)
     specials = tokenizer.special_tokens
     eos = specials.get("<|eos|>")
     banned = np.array([i for name, i in specials.items() if name != "<|eos|>"], dtype=np.int64)
@@ -170,7 +191,7 @@ def next_words(
             text = tokenizer.decode(list(ids)) if ids else ""
             if after_word and starts_new_word(text) is False:
                 continue  # the rest of the prompt's last word, not a word of its own
-            word = first_word(text, split, final=final) if ids else None
+            word = first_word(text, split, final=final, grows=grows) if ids else None
             if word == INVALID:
                 continue
             if word is not None:

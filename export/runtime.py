@@ -519,5 +519,5 @@ class Decoder:
         if self.max_context is not None:  # the search steps max_tokens - 1 times at most: stay inside the context
             search["max_tokens"] = max(1, min(search["max_tokens"], self.max_context - state.position + 1))
         after_word = ends_inside_word(self.tokenizer.normalize(text, lang), lang)
-        return next_words(self.step, state, logits[0], self.tokenizer, take=self.graph.take, k=k,
+        return next_words(self.step, state, logits[0], self.tokenizer, take=self.graph.take, k=k, lang=lang,
                           split=default_splitter(self.tokenizer, lang), after_word=after_word, **search)

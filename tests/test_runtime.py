@@ -458,3 +458,42 @@ def test_prompt_in_no_known_script_warns_once(bundle, capsys):
     assert len(err) == 1 and "'Привет мир' has no Persian, Chinese or Latin letters; it is read as English" in err[0]
     d.next_words("the book", k=2)
     assert capsys.readouterr().err == ""
+
+
+def test_chinese_next_word_is_not_cut_where_jieba_cuts_a_partial_word():
+    """Tokens 织田 / 信 / 长 / 的 / 是 under the real segmenter. After 织田信 jieba reads 织田 | 信, but 长 would make
+    织田信长: the search must go on (its half of the mass), and count 织田 only where the text settles on it."""
+    from sokhan.tokenization.segment import may_grow, segment
+
+    class ZhTokenizer:
+        PIECES = ["织田", "信", "长", "的", "是"]
+        special_tokens = {"<|eos|>": 5}
+
+        def decode(self, ids):
+            return "".join(self.PIECES[i] for i in ids if i < 5)
+
+        def segment(self, text, lang):
+            return segment(text, lang)
+
+        def word_may_grow(self, text, lang):
+            return may_grow(text, lang)
+
+    tok = ZhTokenizer()
+    table = {"": {0: 1.0}, "织田": {1: 1.0}, "织田信": {2: 0.5, 3: 0.5}, "织田信长": {4: 1.0}}
+
+    def logits_for(text):
+        out = np.full(6, -1e9)
+        for i, p in table.get(text, {5: 1.0}).items():
+            out[i] = math.log(p)
+        return out
+
+    def step(ids, state):
+        texts = [t + tok.decode([int(i)]) for t, i in zip(state, ids, strict=True)]
+        return np.stack([logits_for(t) for t in texts]), texts
+
+    take = lambda s, rows: [s[r] for r in rows]  # noqa: E731
+    found = dict(next_words(step, [""], logits_for(""), tok, take=take, k=5, beam=4, lang="zh"))
+    assert found == {"织田信长": pytest.approx(0.5), "织田": pytest.approx(0.5)}
+    # Without the dictionary check the first cut ends the search: 织田信长 could never be predicted.
+    cut = dict(next_words(step, [""], logits_for(""), tok, take=take, k=5, beam=4, lang="zh", grows=lambda t: False))
+    assert cut == {"织田": pytest.approx(1.0)}

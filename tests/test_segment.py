@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from sokhan.tokenization import pretokenize, segment
 from sokhan.tokenization.corpus import read_lines, source_files
-from sokhan.tokenization.segment import SegmenterConfig, words
+from sokhan.tokenization.segment import SegmenterConfig, may_grow, words
 
 ZWNJ = "\u200c"
 
@@ -75,3 +75,11 @@ def test_span_preserving_on_real_corpora(corpora_dir, lang):
         for lineno, raw in read_lines(path):
             # Raw lines (not normalized): the segmenter must keep any text, not only clean text.
             assert "".join(segment(raw, lang)) == raw, f"{path}:{lineno}"
+
+
+def test_chinese_word_may_grow_while_a_dictionary_word_starts_the_text():
+    """jieba cuts 织田信 into 织田 | 信 until 长 arrives; a text no dictionary word starts with is settled."""
+    assert segment("织田信", "zh") == ["织田", "信"] and segment("织田信长是", "zh") == ["织田信长", "是"]
+    assert may_grow("织田信", "zh") and may_grow("北京大", "zh")
+    assert not may_grow("织田信长是", "zh") and not may_grow("北京的", "zh")
+    assert not may_grow("the weath", "en") and not may_grow("", "zh")

@@ -130,6 +130,15 @@ def segment(text: str, lang: str, config: SegmenterConfig = SegmenterConfig()) -
     return _attach_spaces(_align(text, tokens))
 
 
+def may_grow(text: str, lang: str) -> bool:
+    """Whether more text after ``text`` could make jieba read its first word longer: ``text`` is the start of a
+    word in jieba's dictionary (or a whole one). ``织田信`` is cut ``织田 | 信`` until ``长`` makes it ``织田信长``;
+    written without spaces, Chinese gives no other sign that a word has ended. False for other languages."""
+    if lang != "zh" or not text:
+        return False
+    return text in _jieba().FREQ  # jieba keeps every prefix of its words there (count 0 unless a word itself)
+
+
 def pretokenize(text: str, lang: str, config: SegmenterConfig = SegmenterConfig()) -> list[str]:
     """Pieces of ``text`` for the subword model (it never merges across them); they concatenate to ``text``."""
     if lang == "zh" and config.zh_pretokenize == "runs":

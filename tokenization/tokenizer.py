@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Literal
 from sokhan import SokhanError
 from sokhan.tokenization.langid import LANGUAGES, detect_language
 from sokhan.tokenization.normalize import normalize
-from sokhan.tokenization.segment import SegmenterConfig, pretokenize, segment
+from sokhan.tokenization.segment import SegmenterConfig, may_grow, pretokenize, segment
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD) + tuple(f"<|lang:{lang}|>" for lang in LANGUAGES)
@@ -92,6 +92,10 @@ class Tokenizer:
     def segment(self, text: str, lang: str) -> list[str]:
         """Words of already-normalized ``text`` (jieba for zh, hazm for fa, word/punctuation runs otherwise)."""
         return segment(text, lang, self.segmenter)
+
+    def word_may_grow(self, text: str, lang: str) -> bool:
+        """Whether text appended to normalized ``text`` could lengthen its first word (Chinese: see ``may_grow``)."""
+        return may_grow(text, lang)
 
     def pretokenize(self, text: str, lang: str) -> list[str]:
         """Pieces of already-normalized ``text`` for the model, which never merges across them.
