@@ -15,10 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--lang", choices=("fa", "zh", "en"), default=None, help="language of the text (default: detected)")
     if name == "generate":
         parser.add_argument("--prompt", required=True, help="text to continue")
-        parser.add_argument("--max-new-tokens", type=int, default=64)
-        parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        parser.add_argument("--top-k", type=int, default=None)
-        parser.add_argument("--seed", type=int, default=None)
+        parser.add_argument("--max-new-tokens", type=int, default=64,
+                            help="tokens to generate at most; it stops earlier at the end of a line (default: 64)")
+        parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+        parser.add_argument("--top-k", type=int, default=None,
+                            help="sample from the k most likely tokens only (default: all)")
+        parser.add_argument("--seed", type=int, default=None, help="seed of the sampling, for a repeatable text")
     else:
         parser.add_argument("text", help="text whose next word to predict")
         parser.add_argument("-k", type=int, default=5, help="how many words")

@@ -120,16 +120,6 @@ def starts_new_word(text: str) -> bool | None:
     return text[0].isspace() or unicodedata.category(text[0])[0] in "PS"
 
 
-def prime(step_fn: StepFn, state: Any, ids: Sequence[int]) -> tuple[np.ndarray, Any]:
-    """Feed ``ids`` one at a time from ``state``; returns the last logits (V,) and the state after them."""
-    if not ids:
-        raise ValueError("prime needs at least one token")
-    logits = None
-    for i in ids:
-        logits, state = step_fn(np.array([i], dtype=np.int64), state)
-    return np.asarray(logits)[0], state
-
-
 def next_words(
     step_fn: StepFn,
     state: Any,

@@ -1,7 +1,9 @@
 """The ``sokhan`` command: ``run`` (all stages in order), one subcommand per stage, and the tools around them.
 
 Importing this module must stay cheap and torch-free: ``sokhan generate`` and ``sokhan predict`` run from an
-exported bundle on a machine without torch. Every command module is imported only when its command runs.
+exported bundle on a machine without torch. Building the parser imports every stage and tool module (each adds
+its own options), so their top level must stay torch-free too; a test runs ``predict`` with torch unimportable.
+What a command needs beyond that (torch, hazm, jieba) is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def _resolve_config(args: argparse.Namespace):
     from sokhan.pipeline.config import load_config
     from sokhan.pipeline.stage import stored_config
 
+    if args.command == "run" and args.config_file is not None and args.config is not None:
+        raise SokhanError(f"run: give the config once, as CONFIG ({args.config_file}) or --config ({args.config}), not both")
     path = args.config if args.command != "run" else (args.config_file or args.config)
     base = stored_config(args.run_dir) if path is None else None
     if path is None and base is None:
@@ -89,6 +93,8 @@ def _run(args: argparse.Namespace) -> int:
                                        save_run_config, stage_module)
 
     config = _resolve_config(args)
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's other processes work under the first one's lock
+        lock = lock_run_dir(args.run_dir)  # noqa: F841 (held while this command runs)
     if args.command == "run":
         names = STAGES if not args.stages else [s.strip() for s in args.stages.split(",") if s.strip()]
         unknown = [s for s in names if s not in STAGES]
@@ -103,8 +109,6 @@ def _run(args: argparse.Namespace) -> int:
     # The run's config is saved before the stages run, so that an interrupted stage resumes under the same config
     # when it is rerun without the --set flags. A command that fails and keeps no work to resume puts the previous
     # config back, so that a rejected --set is not inherited by the next command.
-    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's other processes work under the first one's lock
-        lock = lock_run_dir(args.run_dir)  # noqa: F841 (held while this command runs)
     path = Path(args.run_dir) / CONFIG_FILE
     previous = path.read_bytes() if path.exists() else None
     started = time.time()

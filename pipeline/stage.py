@@ -96,12 +96,21 @@ def log(msg: str) -> None:
     print(f"[sokhan] {msg}", file=sys.stderr, flush=True)
 
 
+def _installed_version(dist: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def versions() -> dict[str, str | None]:
     """Versions of what produced an artefact. Reads only modules already imported, so it costs no imports."""
     out: dict[str, str | None] = {"sokhan": __version__, "python": platform.python_version()}
     for mod in ("torch", "triton", "numpy", "tokenizers", "onnx", "onnxruntime", "hazm", "jieba"):
         m = sys.modules.get(mod)
-        out[mod] = getattr(m, "__version__", None) if m else None
+        out[mod] = (getattr(m, "__version__", None) or _installed_version(mod)) if m else None  # hazm has none
     try:
         out["git_commit"] = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5

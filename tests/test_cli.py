@@ -45,6 +45,14 @@ def test_unknown_stage_and_bad_override_are_one_line(tmp_path, capsys):
     assert err.startswith("sokhan: error: config: train.steps = 'lots' must be int") and "\n" not in err
 
 
+def test_run_takes_its_config_once(tmp_path, capsys):
+    """``run CONFIG --config OTHER``: the positional one used to win without a word."""
+    assert main(["run", "sample", "--config", "corpora", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "give the config once" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
 def test_single_stage_needs_a_config(tmp_path, capsys):
     assert main(["tokenize", "--run-dir", str(tmp_path / "empty")]) == 2
     assert "no config.json here" in capsys.readouterr().err
@@ -79,3 +87,9 @@ def test_a_second_command_in_a_busy_run_directory_is_refused(tmp_path, capsys):
         assert f"{run}: another sokhan command is working in this run directory (pid 12345)" in err
         assert not (run / "normalize").exists() and not (run / "config.json").exists()
     assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize"]) == 0  # released: it runs
+    # A stage's own direct commands too: embed --inspect writes into RUN/train, which a running train replaces.
+    with open(run / ".sokhan.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert main(["embed", "--run-dir", str(run), "--inspect"]) == 2
+        assert "another sokhan command is working in this run directory" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import json
 import types
 from pathlib import Path
@@ -227,3 +228,13 @@ def test_damaged_manifest_reruns_the_stage(stages, capsys):
     (stages.run / "up" / "manifest.json").write_text('{"stage": "up", "fingerp')
     stage_mod.run_stage("up", cfg, stages.run)
     assert stages.calls == ["up", "up"] and "not valid JSON" in capsys.readouterr().err
+
+
+def test_versions_reads_the_installed_version_of_a_module_without_one(monkeypatch):
+    """hazm has no ``__version__``: manifests said ``"hazm": null`` where hazm 0.10.0 had normalized the text."""
+    import importlib.metadata
+
+    from sokhan.pipeline.stage import versions
+
+    monkeypatch.setitem(sys.modules, "hazm", types.ModuleType("hazm"))  # imported, no __version__, as hazm is
+    assert versions()["hazm"] == importlib.metadata.version("hazm")

@@ -49,6 +49,7 @@ class ModelConfig:
     dt_rank: int | None = None
     """Mamba only: rank of Δ's projection; default ceil(d_model / 16)."""
     dt_min: float = 0.001
+    """Mamba: Δ starts log-uniform in [dt_min, dt_max] per channel (Δ's bias is set to softplus⁻¹ of the draw)."""
     dt_max: float = 0.1
     selective: bool = True
     """Mamba only: false gives the LTI ablation (Δ, B, C learned but input-independent, an S4D-style model)."""
@@ -57,6 +58,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     """lm_head shares the token embedding matrix."""
     norm_eps: float = 1e-5
+    """RMSNorm's ε: x / sqrt(mean(x²) + ε)."""
     vocab_size: int | None = None
     """Set from the tokenizer by ``resolve``; set it only to build a model without a run."""
 

@@ -1,7 +1,8 @@
 """embed stage: the initial token-embedding table, its nearest neighbours and a PCA plot.
 
 ``normal`` draws N(0, std²). ``ppmi-svd`` counts how often two tokens occur within ``window`` positions of each
-other in the training shard (inside one line), turns the counts into positive pointwise mutual information with
+other in the training shard (inside one line), each pair weighted 1/distance (word2vec's and GloVe's
+down-weighting of far contexts), turns the counts into positive pointwise mutual information with
 the context distribution smoothed by ^0.75 (Levy, Goldberg & Dagan, 2015), and keeps the top ``d_model``
 singular directions, U·√S, rescaled to the normal init's std: tokens used alike start close together.
 
@@ -27,11 +28,14 @@ class EmbedConfig:
     """How the embedding table is initialised."""
 
     init: Literal["normal", "ppmi-svd"] = "normal"
-    """N(0, std²), or PPMI of windowed co-occurrence counts from the training shards, truncated SVD, rescaled."""
+    """N(0, std²), or PPMI of windowed co-occurrence counts (weighted 1/distance) from the training shards,
+    truncated SVD, rescaled."""
     std: float = 0.02
+    """Standard deviation of the table (ppmi-svd's table is rescaled to it)."""
     window: int = 4
     """ppmi-svd: co-occurrence window (tokens on each side)."""
     seed: int = 0
+    """Seeds ``normal``'s draws and the SVD's random start."""
     plot_tokens: int = 25
     """Most frequent tokens per language drawn in embeddings.png."""
     neighbours: int = 6

@@ -45,13 +45,17 @@ class EvaluateConfig:
     max_tokens: int = 20000
     """Predicted tokens per language at most (whole lines, from the start of the held-out text)."""
     batch_size: int = 8
+    """Scoring windows per forward pass."""
     nextword_words: int = 400
     """Word starts per language for next-word accuracy, spread evenly over the text (0 = skip it; each costs a
     small beam search, one batched model step per subword of the words searched)."""
     nextword_beam: int = 8
+    """Beam width of the next-word search (hypotheses kept per round, and tokens tried per hypothesis)."""
     onnx_tokens: int = 256
     """With --bundle: tokens per language stepped through ONNX Runtime and compared with PyTorch."""
     device: Literal["auto", "cpu", "cuda"] = "cpu"
+    """CPU by default, where the figures in the README come from (a GPU's kernels round differently);
+    ``auto``: CUDA when there is a GPU."""
 
     def __post_init__(self) -> None:
         for key in ("ngram_order", "stride", "max_tokens", "batch_size", "nextword_beam", "onnx_tokens"):

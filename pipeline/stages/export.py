@@ -131,7 +131,8 @@ prediction with ONNX Runtime, no PyTorch needed.
 ## Run it
 
 The runtime imports numpy, onnxruntime and sokhan's tokenizer (tokenizers, jieba, hazm), never torch: on a machine
-without torch, install those and sokhan itself without its dependencies (`pip install --no-deps sokhan`).
+without torch, install those and sokhan itself without its dependencies, from a checkout of its repository or a
+wheel built there (`pip install --no-deps ./sokhan`, `pip install --no-deps sokhan-*.whl`; it is not on PyPI).
 
     sokhan generate --bundle . --prompt "..."
     sokhan predict --bundle . "..."

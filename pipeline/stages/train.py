@@ -25,12 +25,19 @@ class TrainConfig:
     """The optimisation. Batches are per process: one step sees batch_size · grad_accum · processes windows."""
 
     steps: int = 1000
+    """Optimizer steps."""
     batch_size: int = 16
+    """Windows per process per micro-batch."""
     seq_len: int = 256
+    """Tokens per window (the model predicts each from the ones before it in its window)."""
     grad_accum: int = 1
+    """Micro-batches whose gradients are summed into one step (a larger batch in the same memory)."""
     lr: float = 3e-3
+    """Peak learning rate, reached after ``warmup_steps``."""
     min_lr: float = 3e-4
+    """Learning rate at the last step, the end of the cosine decay."""
     warmup_steps: int = 50
+    """Steps of linear warmup from 0 to ``lr``."""
     weight_decay: float = 0.1
     """AdamW's decoupled weight decay of the weight matrices (norms, biases, Mamba's A_log and D never decay)."""
     embedding_weight_decay: float = 0.0
@@ -39,12 +46,18 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Maximum global gradient norm; 0 turns clipping off (the norm is still logged)."""
     eval_every: int = 100
+    """Steps between validation losses (and at the last step)."""
     eval_batches: int = 8
+    """Batches of held-out windows per validation loss: fixed windows, the same at every evaluation."""
     ckpt_every: int = 100
+    """Steps between checkpoints (and at the last step); a killed run resumes from the newest."""
     keep_last: int = 2
     """Step checkpoints kept (the newest); checkpoints/best is kept besides."""
     seed: int = 0
+    """Seeds the initialisation, the batch order, the validation windows and dropout: a run repeats bit for bit
+    on the same machine."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: CUDA when there is a GPU, else CPU."""
     compile: bool = False
     """torch.compile the model (worth it on CUDA for long runs; start-up costs minutes)."""
     publish: Literal["final", "best"] = "final"
