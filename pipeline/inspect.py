@@ -127,6 +127,10 @@ def token_labels(tokenizer, ids: list[int]) -> list[str]:
     return out
 
 
+MAX_TOKENS = 256  # --max-tokens at most: beyond it no label is readable, and the figures grow quadratically
+MAX_INCHES = 60.0  # a figure's width at most (9000 pixels at the 150 dpi plots are saved at): memory stays bounded
+
+
 def plot_attention(maps: list, labels: list[str], title: str, out: Path) -> list[Path]:
     """One PNG per layer, a heatmap per head; returns the paths."""
     import matplotlib.pyplot as plt
@@ -140,7 +144,8 @@ def plot_attention(maps: list, labels: list[str], title: str, out: Path) -> list
         heads = att.shape[0]
         cols = min(heads, 4)
         rows = -(-heads // cols)
-        size = max(3.0, 0.32 * L + 1.0)
+        size = max(3.0, min(0.32 * L + 1.0, MAX_INCHES / cols))  # per head; 200 tokens took 13 GB uncapped
+        font = min(8.0, 0.9 * 72 * (size - 1.0) / L)  # points: what fits in a row of the heatmap
         fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False, layout="constrained")
         for h in range(rows * cols):
             ax = axes[h // cols][h % cols]
@@ -149,8 +154,8 @@ def plot_attention(maps: list, labels: list[str], title: str, out: Path) -> list
                 continue
             ax.imshow(att[h], cmap="viridis", vmin=0.0, vmax=1.0)
             ax.set_title(f"layer {layer} head {h}", fontsize=9)
-            ax.set_xticks(range(L), labels, rotation=90, fontsize=8)
-            ax.set_yticks(range(L), labels, fontsize=8)
+            ax.set_xticks(range(L), labels, rotation=90, fontsize=font)
+            ax.set_yticks(range(L), labels, fontsize=font)
             ax.set_xlabel("attended token")
         fig.suptitle(label(title))
         paths.append(save(fig, out / f"attention_layer{layer}.png"))
@@ -172,7 +177,9 @@ def plot_delta(maps: list, labels: list[str], title: str, out: Path) -> Path:
     setup_fonts()
     L = len(labels)
     n = len(maps)
-    fig, axes = plt.subplots(2 * n, 1, figsize=(max(6.0, 0.45 * L + 2.5), 4.2 * n), layout="constrained",
+    width = max(6.0, min(0.45 * L + 2.5, MAX_INCHES))
+    font = min(8.0, 0.9 * 72 * (width - 2.5) / L)
+    fig, axes = plt.subplots(2 * n, 1, figsize=(width, 4.2 * n), layout="constrained",
                              gridspec_kw={"height_ratios": [1, 3] * n}, squeeze=False)
     for layer, delta in enumerate(maps):
         line, heat = axes[2 * layer][0], axes[2 * layer + 1][0]
@@ -184,7 +191,7 @@ def plot_delta(maps: list, labels: list[str], title: str, out: Path) -> Path:
         rel = np.log2(delta / delta.mean(axis=0, keepdims=True)).T  # (D, L)
         lim = max(float(np.abs(rel).max()), 1e-6)
         im = heat.imshow(rel, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-        heat.set_xticks(range(L), labels, rotation=90, fontsize=8)
+        heat.set_xticks(range(L), labels, rotation=90, fontsize=font)
         heat.set_ylabel("channel")
         fig.colorbar(im, ax=heat, label="log2 Δ / channel mean", pad=0.01)
     fig.suptitle(label(title))
@@ -196,7 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--text", required=True, help='the text to inspect, e.g. "در جنگل یک شیر درنده را دیدم"')
     parser.add_argument("--lang", choices=("fa", "zh", "en"), default=None, help="its language (default: detected)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: RUN/inspect)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to show at most (heatmaps get unreadable beyond)")
+    parser.add_argument("--max-tokens", type=int, default=64,
+                        help=f"tokens to show at most (default 64, at most {MAX_TOKENS}: heatmaps get unreadable beyond)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -206,8 +214,9 @@ def main(args: argparse.Namespace) -> int:
     from sokhan.pipeline.train.checkpoint import load_model
     from sokhan.tokenization import Tokenizer, detect_language
 
-    if args.max_tokens < 1:
-        raise SokhanError(f"--max-tokens = {args.max_tokens} must be >= 1")
+    if not 1 <= args.max_tokens <= MAX_TOKENS:
+        raise SokhanError(f"--max-tokens = {args.max_tokens} must be in [1, {MAX_TOKENS}] (a heatmap of more tokens "
+                          "has no readable label)")
     if not args.text.strip():  # with --lang it would plot the language tag alone
         raise SokhanError(f"--text {args.text!r}: nothing to inspect; give at least one word")
     run = Path(args.run_dir)
@@ -217,6 +226,8 @@ def main(args: argparse.Namespace) -> int:
     if lang is None:
         raise SokhanError(f"--text {args.text!r}: no letters to detect a language from; pass --lang fa|zh|en")
     ids = tokenizer.encode(args.text, lang=lang, add_special_tokens=True)[:-1]  # as a training line, without <|eos|>
+    if len(ids) < 2:  # the language tag alone: the text normalized to nothing (zero-width characters)
+        raise SokhanError(f"--text {args.text!r}: nothing left to inspect after normalization; give at least one word")
     if len(ids) > args.max_tokens:
         raise SokhanError(f"--text is {len(ids)} tokens; --max-tokens is {args.max_tokens} (shorten the text or raise it)")
     model, cfg = load_model(run / "train", device="cpu")

@@ -164,6 +164,8 @@ class Scores:
 
 def summarize(text: EncodedText, nll: np.ndarray, rank: np.ndarray) -> Scores:
     """Scores from the NLL (nats) and rank at each of ``text.targets`` (arrays aligned with them)."""
+    if len(nll) == 0:
+        raise ValueError("summarize: no predicted tokens")  # encode_lines got no non-empty line
     total = float(np.sum(nll))
     mean = total / len(nll)
     return Scores(

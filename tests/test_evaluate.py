@@ -242,3 +242,24 @@ def test_onnx_agreement_measures_step_against_forward():
     assert same["nll_per_token"]["onnx"] == pytest.approx(want, abs=1e-5)
     assert off["nll_per_token"]["onnx"] - off["nll_per_token"]["torch"] == pytest.approx(100 / 19, rel=0.05)
     assert same["graph"] == "fake.onnx"
+
+
+def test_adhoc_text_lines_end_at_newlines_only_and_may_normalize_to_nothing(tmp_path, capsys):
+    """U+2028 inside a line is a space to the normalizer, not a line break (str.splitlines made it one: an extra
+    line tag and <|eos|>, other figures); a file whose lines normalize to nothing is one line, not a
+    ZeroDivisionError."""
+    run, _ = make_run(tmp_path, "mamba")
+    one, two = tmp_path / "sep.txt", tmp_path / "space.txt"
+    one.write_text("the cat sat\u2028on the mat .\n", encoding="utf-8")
+    two.write_text("the cat sat on the mat .\n", encoding="utf-8")
+    reports = []
+    for path in (one, two):
+        assert main(["evaluate", "--run-dir", str(run), "--text", str(path), "--lang", "en", "--json"]) == 0
+        reports.append(json.loads(capsys.readouterr().out)["languages"]["en"]["model"])
+    assert reports[0] == reports[1]
+
+    blank = tmp_path / "zwnj.txt"
+    blank.write_text("\u200c\u200c\n\u200b\n", encoding="utf-8")
+    assert main(["evaluate", "--run-dir", str(run), "--text", str(blank), "--lang", "fa"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no line has any text left after normalization" in err and len(err.splitlines()) == 1

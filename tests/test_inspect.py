@@ -75,6 +75,27 @@ def test_cli_writes_pngs(tmp_path, runs, arch, capsys):
     assert str(pngs[0]) in capsys.readouterr().out
 
 
+def test_long_texts_make_figures_of_bounded_size(tmp_path, monkeypatch):
+    """The figure grows with the tokens up to MAX_INCHES wide, its labels shrinking to fit, never beyond."""
+    import numpy as np
+
+    sizes = []
+    from sokhan.pipeline import plotting
+
+    real_save = plotting.save
+
+    def save(fig, path):
+        sizes.append(tuple(fig.get_size_inches()))
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plotting, "save", save)
+    L = inspect.MAX_TOKENS
+    labels = [f"t{i}" for i in range(L)]
+    inspect.plot_attention([np.full((4, L, L), 1.0 / L)], labels, "long", tmp_path)
+    inspect.plot_delta([np.ones((L, 8))], labels, "long", tmp_path)
+    assert sizes and all(w <= inspect.MAX_INCHES for w, _ in sizes)
+
+
 def test_token_labels_are_shaped(runs):
     from sokhan.tokenization import Tokenizer
 
@@ -114,7 +135,13 @@ def test_bad_input(tmp_path, runs, capsys):
     assert main(["inspect", "--run-dir", str(run), "--text", "  ", "--lang", "fa"]) == 2
     assert "nothing to inspect" in capsys.readouterr().err
     assert main(["inspect", "--run-dir", str(run), "--text", SHIR, "--max-tokens", "0"]) == 2
-    assert "--max-tokens = 0 must be >= 1" in capsys.readouterr().err
+    assert "--max-tokens = 0 must be in [1, 256]" in capsys.readouterr().err
+    # 1000 let a 200-token text draw 130 × 65-inch figures (13 GB, killed after 5 minutes).
+    assert main(["inspect", "--run-dir", str(run), "--text", SHIR, "--max-tokens", "1000"]) == 2
+    assert "--max-tokens = 1000 must be in [1, 256]" in capsys.readouterr().err
+    # Zero-width characters pass str.strip() but normalize to nothing: the tag alone was plotted.
+    assert main(["inspect", "--run-dir", str(run), "--text", "\u200b\u200c", "--lang", "fa"]) == 2
+    assert "nothing left to inspect after normalization" in capsys.readouterr().err
 
 
 def test_model_older_than_the_tokenizer_is_refused(tmp_path, runs, capsys):

@@ -43,7 +43,8 @@ class EvaluateConfig:
     stride: int = 128
     """Window step: after the first window each scored token has ≥ window - stride tokens of context."""
     max_tokens: int = 20000
-    """Predicted tokens per language at most (whole lines, from the start of the held-out text)."""
+    """Predicted tokens per language at most, in whole lines from the start of the held-out text (a first line
+    longer than that is scored whole: a line is never cut)."""
     batch_size: int = 8
     """Scoring windows per forward pass."""
     nextword_words: int = 400
@@ -152,7 +153,9 @@ def _read_texts(files: list[Path], langs: list[str]) -> dict[str, list[str]]:
         except UnicodeDecodeError as e:
             line = data[: e.start].count(b"\n") + 1
             raise SokhanError(f"--text {path}: line {line}: not UTF-8 (byte 0x{data[e.start]:02x})") from None
-        for line in raw.splitlines():
+        # Lines end at "\n" only, as in corpus files (sokhan.tokenization.corpus): str.splitlines() also breaks at
+        # U+2028, \x0c, \x1c… which the normalizer turns into spaces, so the same text scored differently.
+        for line in raw.split("\n"):
             if not line.strip():
                 continue
             lang = langs[i] if langs else detect_language(line)
@@ -227,6 +230,24 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
     window = max(window, 2)  # train.seq_len = 1 trains on one token of context: a window of 2 gives it that
     stride = min(cfg.stride, window)
 
+    if texts is None:
+        split = run_cfg.get("tokenize", {})
+        block = int(split.get("val_block", 1))  # runs from before the option held out single lines
+        runs = "single lines" if block == 1 else f"in runs of {block} consecutive lines"
+        source = (f"held-out split (RUN/tokenize/val): a seeded random {split.get('val_fraction', 0.05):.0%} of each "
+                  f"language's lines, {runs}")
+        texts = _held_out(tok_dir)
+    else:
+        source = "given texts"
+        texts = {lang: [n for s in lines if (n := tokenizer.normalize(s, lang)).strip()] for lang, lines in texts.items()}
+        emptied = sorted(lang for lang, lines in texts.items() if not lines)  # only zero-width or control characters
+        if len(emptied) == len(texts):
+            raise SokhanError("--text: no line has any text left after normalization (only whitespace, zero-width or "
+                              "control characters)")
+        if emptied:
+            log(f"evaluate: no {', '.join(emptied)} line has any text left after normalization; left out")
+            texts = {lang: lines for lang, lines in texts.items() if lines}
+
     log(f"evaluate: counting the {cfg.ngram_order}-gram baseline on {tok_dir / 'train.bin'}")
     ngram = KneserNey(cfg.ngram_order, int(meta["vocab_size"])).fit(_train_tokens(tok_dir, meta))
 
@@ -253,16 +274,6 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
             raise SokhanError(f"{bundle}: vocab_size {decoder.config['vocab_size']} differs from the trained model's "
                               f"{mcfg.vocab_size}; export this run again")
     languages: dict[str, Any] = {}
-    if texts is None:
-        split = run_cfg.get("tokenize", {})
-        block = int(split.get("val_block", 1))  # runs from before the option held out single lines
-        runs = "single lines" if block == 1 else f"in runs of {block} consecutive lines"
-        source = (f"held-out split (RUN/tokenize/val): a seeded random {split.get('val_fraction', 0.05):.0%} of each "
-                  f"language's lines, {runs}")
-        texts = _held_out(tok_dir)
-    else:
-        source = "given texts"
-        texts = {lang: [n for s in lines if (n := tokenizer.normalize(s, lang)).strip()] for lang, lines in texts.items()}
     for lang in progress(list(texts), desc="evaluate"):
         if f"<|lang:{lang}|>" not in tokenizer.special_tokens:
             raise SokhanError(f"language {lang!r}: this run's tokenizer has no <|lang:{lang}|> token (it was trained without {lang} text)")
