@@ -93,16 +93,17 @@ def _run(args: argparse.Namespace) -> int:
                                        save_run_config, stage_module)
 
     config = _resolve_config(args)
-    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's other processes work under the first one's lock
-        lock = lock_run_dir(args.run_dir)  # noqa: F841 (held while this command runs)
     if args.command == "run":
         names = STAGES if not args.stages else [s.strip() for s in args.stages.split(",") if s.strip()]
         unknown = [s for s in names if s not in STAGES]
         if unknown:
             raise SokhanError(f"--stages: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
-    else:
-        # A stage may answer some of its flags itself, outside the runner (evaluate --text: prints, writes nothing).
-        direct = getattr(stage_module(args.stage), "direct", None)
+    # A stage may answer some of its flags itself, outside the runner (evaluate --text prints; embed --inspect
+    # writes into RUN/train): under the lock too, but they never make a run directory that does not exist.
+    direct = None if args.command == "run" else getattr(stage_module(args.stage), "direct", None)
+    if int(os.environ.get("RANK", "0")) == 0 and (direct is None or Path(args.run_dir).is_dir()):
+        lock = lock_run_dir(args.run_dir)  # noqa: F841 (held while this command runs; torchrun's others share it)
+    if args.command != "run":
         if direct is not None and direct(args, config):
             return 0
         names = [args.stage]

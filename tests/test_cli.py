@@ -40,6 +40,11 @@ def test_unknown_stage_and_bad_override_are_one_line(tmp_path, capsys):
     assert main(["run", "sample", "--run-dir", str(tmp_path / "r"), "--stages", "normalize,bogus"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "sokhan: error: --stages: unknown stage 'bogus' (stages: normalize, tokenize, embed, train, export, evaluate)"
+    assert not (tmp_path / "r").exists()  # refused before the run directory (and its lock file) is made
+    text = tmp_path / "t.txt"
+    text.write_text("the cat\n", encoding="utf-8")
+    assert main(["evaluate", "--run-dir", str(tmp_path / "r"), "--config", "sample", "--text", str(text)]) == 2
+    assert "no such run directory" in capsys.readouterr().err and not (tmp_path / "r").exists()
     assert main(["run", "sample", "--run-dir", str(tmp_path / "r"), "--set", "train.steps=lots"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sokhan: error: config: train.steps = 'lots' must be int") and "\n" not in err
