@@ -15,7 +15,9 @@ otherwise), so a word here is a piece the subword model never merges across; a p
 own. A hypothesis is finished when its text holds a word boundary after the first word (a second word has
 started, or whitespace follows the first) or when it emits ``<|eos|>``; its word is the first segment. Chinese has
 no spaces, and jieba cuts a word it has not seen whole (``织田信`` → ``织田 | 信``): while the text is the start of
-a longer word in jieba's dictionary (``Tokenizer.word_may_grow``), a second segment does not finish it. Text that
+a longer word in jieba's dictionary (``Tokenizer.word_may_grow``), a second segment does not finish it. Such a
+hypothesis is counted for its first segment at once and searched on; the share of its descendants that settle on
+another word (``织田信长``) moves there, and what the search does not follow stays with the first segment. Text that
 ends inside a multi-byte character (a trailing U+FFFD from byte-level decoding) is never finished. Different token
 paths that give the same word add their probabilities: the model's probability of that next word, up to the beam.
 """
@@ -162,8 +164,17 @@ def next_words(
 
     floor = math.log(min_prob)
     found: dict[str, float] = {}
-    # The frontier: per hypothesis its log-probability and tokens; its logits and state are rows of a batch.
-    scores, paths = [0.0], [()]
+
+    def move(mass: float, owner: str | None, word: str) -> None:  # count mass under word, not owner any more
+        if owner is not None:
+            found[owner] -= mass
+        found[word] = found.get(word, 0.0) + mass
+
+    # The frontier: per hypothesis its log-probability, tokens and ``owner``, the word its mass is already counted
+    # under (a segment boundary that ``grows`` holds open counts the hypothesis for its first segment at once, so
+    # that what the search cannot follow further, past the beam or max_tokens, is not lost; a descendant that
+    # settles on another word moves its share there). Its logits and state are rows of a batch.
+    scores, paths, owners = [0.0], [()], [None]
     batch_logits = np.asarray(logits, dtype=np.float32).reshape(1, -1)
     for depth in range(max_tokens):
         x = batch_logits.astype(np.float64)
@@ -174,7 +185,7 @@ def next_words(
         candidates = [  # (logprob, hypothesis index, token)
             (scores[h] + float(lp[h, t]), h, int(t)) for h in range(len(paths)) for t in top[h] if scores[h] + lp[h, t] >= floor
         ]
-        parents, tokens, next_scores, next_paths = [], [], [], []
+        parents, tokens, next_scores, next_paths, next_owners = [], [], [], [], []
         for logprob, h, token in heapq.nlargest(beam * beam, candidates):
             final = token == eos
             ids = paths[h] if final else paths[h] + (token,)
@@ -184,15 +195,25 @@ def next_words(
             word = first_word(text, split, final=final, grows=grows) if ids else None
             if word == INVALID:
                 continue
+            owner = owners[h]
+            if word is None and not final and ids:
+                held = first_word(text, split, final=False)  # a boundary that only ``grows`` keeps open
+                if held is not None and held != INVALID and held != owner:
+                    move(math.exp(logprob), owner, held)
+                    owner = held
             if word is not None:
-                found[word] = found.get(word, 0.0) + math.exp(logprob)
+                if word != owner:
+                    move(math.exp(logprob), owner, word)
             elif not final and len(parents) < beam and depth + 1 < max_tokens:
                 parents.append(h)
                 tokens.append(token)
                 next_scores.append(logprob)
                 next_paths.append(ids)
+                next_owners.append(owner)
         if not parents:
             break
         out, state = step_fn(np.array(tokens, dtype=np.int64), take(state, np.array(parents, dtype=np.int64)))
-        batch_logits, scores, paths = np.asarray(out), next_scores, next_paths
-    return sorted(found.items(), key=lambda kv: -kv[1])[:k]
+        batch_logits, scores, paths, owners = np.asarray(out), next_scores, next_paths, next_owners
+    # A word whose whole count moved on keeps a rounding residue (~1e-17), never a probability the search found.
+    kept = [(w, p) for w, p in found.items() if p > min_prob * 1e-6]
+    return sorted(kept, key=lambda kv: -kv[1])[:k]

@@ -497,3 +497,9 @@ def test_chinese_next_word_is_not_cut_where_jieba_cuts_a_partial_word():
     # Without the dictionary check the first cut ends the search: 织田信长 could never be predicted.
     cut = dict(next_words(step, [""], logits_for(""), tok, take=take, k=5, beam=4, lang="zh", grows=lambda t: False))
     assert cut == {"织田": pytest.approx(1.0)}
+    # Where the search cannot follow a held hypothesis (max_tokens, the beam), its mass stays with the first segment:
+    # nothing is lost against the search without the check.
+    short = dict(next_words(step, [""], logits_for(""), tok, take=take, k=5, beam=4, lang="zh", max_tokens=2))
+    assert short == {"织田": pytest.approx(1.0)}
+    mid = dict(next_words(step, [""], logits_for(""), tok, take=take, k=5, beam=4, lang="zh", max_tokens=3))
+    assert mid == {"织田": pytest.approx(1.0)}  # 织田信长 unfinished at the limit: still counted, as 织田
