@@ -100,12 +100,17 @@ def _run(args: argparse.Namespace) -> int:
             raise SokhanError(f"--stages: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
     # A stage may answer some of its flags itself, outside the runner (evaluate --text prints; embed --inspect
     # writes into RUN/train): under the lock too, but they never make a run directory that does not exist.
+    # A read-only run directory still serves evaluate --text (no lock then).
+    first = int(os.environ.get("RANK", "0")) == 0  # torchrun's other processes work under the first one's lock
     direct = None if args.command == "run" else getattr(stage_module(args.stage), "direct", None)
-    if int(os.environ.get("RANK", "0")) == 0 and (direct is None or Path(args.run_dir).is_dir()):
-        lock = lock_run_dir(args.run_dir)  # noqa: F841 (held while this command runs; torchrun's others share it)
+    lock = None
+    if first and direct is not None and Path(args.run_dir).is_dir():
+        lock = lock_run_dir(args.run_dir, required=False)
+    if direct is not None and direct(args, config):
+        return 0
+    if first and lock is None:
+        lock = lock_run_dir(args.run_dir)  # held while this command runs
     if args.command != "run":
-        if direct is not None and direct(args, config):
-            return 0
         names = [args.stage]
     # The run's config is saved before the stages run, so that an interrupted stage resumes under the same config
     # when it is rerun without the --set flags. A command that fails and keeps no work to resume puts the previous

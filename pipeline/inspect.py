@@ -128,7 +128,7 @@ def token_labels(tokenizer, ids: list[int]) -> list[str]:
 
 
 MAX_TOKENS = 256  # --max-tokens at most: beyond it no label is readable, and the figures grow quadratically
-MAX_INCHES = 60.0  # a figure's width at most (9000 pixels at the 150 dpi plots are saved at): memory stays bounded
+MAX_INCHES = 60.0  # a figure's side at most (9000 pixels at the 150 dpi plots are saved at): memory stays bounded
 
 
 def plot_attention(maps: list, labels: list[str], title: str, out: Path) -> list[Path]:
@@ -144,7 +144,7 @@ def plot_attention(maps: list, labels: list[str], title: str, out: Path) -> list
         heads = att.shape[0]
         cols = min(heads, 4)
         rows = -(-heads // cols)
-        size = max(3.0, min(0.32 * L + 1.0, MAX_INCHES / cols))  # per head; 200 tokens took 13 GB uncapped
+        size = max(3.0, min(0.32 * L + 1.0, MAX_INCHES / max(cols, rows)))  # per head; 200 tokens took 13 GB uncapped
         font = min(8.0, 0.9 * 72 * (size - 1.0) / L)  # points: what fits in a row of the heatmap
         fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False, layout="constrained")
         for h in range(rows * cols):
@@ -179,7 +179,7 @@ def plot_delta(maps: list, labels: list[str], title: str, out: Path) -> Path:
     n = len(maps)
     width = max(6.0, min(0.45 * L + 2.5, MAX_INCHES))
     font = min(8.0, 0.9 * 72 * (width - 2.5) / L)
-    fig, axes = plt.subplots(2 * n, 1, figsize=(width, 4.2 * n), layout="constrained",
+    fig, axes = plt.subplots(2 * n, 1, figsize=(width, min(4.2 * n, MAX_INCHES)), layout="constrained",
                              gridspec_kw={"height_ratios": [1, 3] * n}, squeeze=False)
     for layer, delta in enumerate(maps):
         line, heat = axes[2 * layer][0], axes[2 * layer + 1][0]
@@ -214,9 +214,9 @@ def main(args: argparse.Namespace) -> int:
     from sokhan.pipeline.train.checkpoint import load_model
     from sokhan.tokenization import Tokenizer, detect_language
 
-    if not 1 <= args.max_tokens <= MAX_TOKENS:
-        raise SokhanError(f"--max-tokens = {args.max_tokens} must be in [1, {MAX_TOKENS}] (a heatmap of more tokens "
-                          "has no readable label)")
+    if not 2 <= args.max_tokens <= MAX_TOKENS:  # the language tag and at least one token of the text
+        raise SokhanError(f"--max-tokens = {args.max_tokens} must be in [2, {MAX_TOKENS}] (the language tag and a token; "
+                          "a heatmap of more tokens has no readable label)")
     if not args.text.strip():  # with --lang it would plot the language tag alone
         raise SokhanError(f"--text {args.text!r}: nothing to inspect; give at least one word")
     run = Path(args.run_dir)

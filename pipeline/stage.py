@@ -355,20 +355,26 @@ def _changes(recorded: Path, now: dict[str, Any], most: int = 3) -> str:
 LOCK_FILE = ".sokhan.lock"
 
 
-def lock_run_dir(run_dir: Path):
+def lock_run_dir(run_dir: Path, required: bool = True):
     """Hold ``RUN/.sokhan.lock`` for the rest of this process, or a SokhanError if another command holds it.
 
     Two commands working in one run directory would trample each other's partial folders (one resuming the
     checkpoints the other is writing). The lock is an advisory ``flock``, released by the kernel when the process
     ends however it ends, so a killed command never leaves a stale lock. Returns the open file (keep it alive).
-    Where ``fcntl`` does not exist (Windows), nothing is locked."""
+    Where ``fcntl`` does not exist (Windows), nothing is locked. A lock file that cannot be written (a read-only
+    run directory) is a SokhanError, or with ``required`` False (commands that only read) no lock: None."""
     try:
         import fcntl
     except ImportError:
         return None
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK_FILE, "a+")
+    except OSError as e:
+        if not required:
+            return None
+        raise SokhanError(f"{run_dir}: cannot write its lock file {LOCK_FILE} ({e.strerror or e})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -244,6 +244,20 @@ def test_onnx_agreement_measures_step_against_forward():
     assert same["graph"] == "fake.onnx"
 
 
+def test_adhoc_text_needs_no_writable_run_directory(tmp_path, capsys):
+    """evaluate --text only reads: where the lock file cannot be written (a read-only mount; here a folder in its
+    place) it goes on without the lock, where an OSError traceback ended it. A stage there is one line."""
+    run, _ = make_run(tmp_path, "mamba")
+    (run / ".sokhan.lock").mkdir()
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat .\n", encoding="utf-8")
+    assert main(["evaluate", "--run-dir", str(run), "--text", str(text), "--json"]) == 0
+    assert "en" in json.loads(capsys.readouterr().out)["languages"]
+    assert main(["evaluate", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"sokhan: error: {run}: cannot write its lock file .sokhan.lock (Is a directory)"
+
+
 def test_adhoc_text_lines_end_at_newlines_only_and_may_normalize_to_nothing(tmp_path, capsys):
     """U+2028 inside a line is a space to the normalizer, not a line break (str.splitlines made it one: an extra
     line tag and <|eos|>, other figures); a file whose lines normalize to nothing is one line, not a

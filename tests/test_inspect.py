@@ -91,9 +91,9 @@ def test_long_texts_make_figures_of_bounded_size(tmp_path, monkeypatch):
     monkeypatch.setattr(plotting, "save", save)
     L = inspect.MAX_TOKENS
     labels = [f"t{i}" for i in range(L)]
-    inspect.plot_attention([np.full((4, L, L), 1.0 / L)], labels, "long", tmp_path)
-    inspect.plot_delta([np.ones((L, 8))], labels, "long", tmp_path)
-    assert sizes and all(w <= inspect.MAX_INCHES for w, _ in sizes)
+    inspect.plot_attention([np.full((16, L, L), 1.0 / L)], labels, "long", tmp_path)  # 16 heads: 4 rows
+    inspect.plot_delta([np.ones((L, 8))] * 16, labels, "long", tmp_path)  # 16 layers
+    assert len(sizes) == 2 and all(w <= inspect.MAX_INCHES and h <= inspect.MAX_INCHES for w, h in sizes)
 
 
 def test_token_labels_are_shaped(runs):
@@ -135,10 +135,10 @@ def test_bad_input(tmp_path, runs, capsys):
     assert main(["inspect", "--run-dir", str(run), "--text", "  ", "--lang", "fa"]) == 2
     assert "nothing to inspect" in capsys.readouterr().err
     assert main(["inspect", "--run-dir", str(run), "--text", SHIR, "--max-tokens", "0"]) == 2
-    assert "--max-tokens = 0 must be in [1, 256]" in capsys.readouterr().err
+    assert "--max-tokens = 0 must be in [2, 256]" in capsys.readouterr().err
     # 1000 let a 200-token text draw 130 × 65-inch figures (13 GB, killed after 5 minutes).
     assert main(["inspect", "--run-dir", str(run), "--text", SHIR, "--max-tokens", "1000"]) == 2
-    assert "--max-tokens = 1000 must be in [1, 256]" in capsys.readouterr().err
+    assert "--max-tokens = 1000 must be in [2, 256]" in capsys.readouterr().err
     # Zero-width characters pass str.strip() but normalize to nothing: the tag alone was plotted.
     assert main(["inspect", "--run-dir", str(run), "--text", "\u200b\u200c", "--lang", "fa"]) == 2
     assert "nothing left to inspect after normalization" in capsys.readouterr().err

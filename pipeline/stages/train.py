@@ -37,7 +37,7 @@ class TrainConfig:
     min_lr: float = 3e-4
     """Learning rate at the last step, the end of the cosine decay."""
     warmup_steps: int = 50
-    """Steps of linear warmup from 0 to ``lr``."""
+    """Steps of linear warmup, from ``lr / warmup_steps`` at the first step to ``lr``."""
     weight_decay: float = 0.1
     """AdamW's decoupled weight decay of the weight matrices (norms, biases, Mamba's A_log and D never decay)."""
     embedding_weight_decay: float = 0.0
