@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, run_dir_required=False)
     p.add_argument("--stages", default=None, help="comma-separated subset, e.g. normalize,tokenize (default: all)")
 
+    p = sub.add_parser("status", help="what `sokhan run` would do, running nothing: each stage done, stale (and why) or missing")
+    p.add_argument("--run-dir", type=Path, required=True, help="the run directory")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a TOML config or preset name; default: the config stored in the run directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="see what this override would rerun (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     for name, help_ in STAGE_HELP.items():
         p = sub.add_parser(name, help=help_)
         _common(p, run_dir_required=True)
@@ -86,6 +94,30 @@ def _resolve_config(args: argparse.Namespace):
             raise SokhanError(f"{args.run_dir}: no config.json here; pass --config CONFIG.toml or start with `sokhan run`")
         path = "sample"
     return load_config(path, args.overrides, base=base)
+
+
+def _took(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from sokhan.pipeline.stage import describe
+
+    rows = describe(_resolve_config(args), args.run_dir)
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return 0
+    table = [("stage", "state", "finished", "took", "why")] + [
+        (r["stage"], r["state"], (r["finished_at"] or "")[:19].replace("T", " "),
+         _took(r["wall_time_s"]), r["why"] or "") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4]).rstrip())
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -142,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "tool", None):
             return importlib.import_module(args.tool).main(args) or 0
+        if args.command == "status":
+            return _status(args)
         return _run(args)
     except SokhanError as e:
         print(f"sokhan: error: {e}", file=sys.stderr)
@@ -149,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sokhan: interrupted; finished stages are kept, the interrupted one is not published", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sokhan status … | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

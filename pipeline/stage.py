@@ -228,6 +228,41 @@ def status(name: str, config: RunConfig, run_dir: Path) -> str:
         return "stale"
 
 
+def describe(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
+    """Per stage, in order, what ``sokhan run`` would do with ``config``, without running anything: ``state``
+    (``status``; a stage whose upstream will run again is ``stale`` too), ``why`` (what changed, or which upstream
+    runs first), ``finished_at`` and ``wall_time_s`` of its output."""
+    from sokhan.pipeline.config import ADDED_LATER
+
+    run_dir = Path(run_dir)
+    unset = object()
+    rows: list[dict[str, Any]] = []
+    for name in STAGES:
+        state = status(name, config, run_dir)
+        row: dict[str, Any] = {"stage": name, "state": state, "why": None, "finished_at": None, "wall_time_s": None}
+        try:
+            man = read_json(run_dir / name / MANIFEST) if state != "missing" else {}
+        except SokhanError:
+            man, row["why"] = {}, "its manifest.json is damaged"
+        row["finished_at"], row["wall_time_s"] = man.get("finished_at"), man.get("wall_time_s")
+        ups = [u for u in stage_module(name).UPSTREAM if next(r for r in rows if r["stage"] == u)["state"] != "done"]
+        if state == "stale" and man:
+            _, now = _fingerprint(name, stage_module(name), config, run_dir)
+            recorded = {
+                "config": {s: {k: v for k, v in values.items() if ADDED_LATER.get((s, k), unset) != v}
+                           for s, values in man.get("config", {}).items()},
+                **man.get("inputs", {}),
+            }
+            row["why"] = _changes(recorded, {k: v for k, v in now.items() if k != "stage"})
+            if ups:
+                row["why"] += f"; after {', '.join(ups)}"
+        elif state == "blocked" or (state == "done" and ups):  # up to date now, but its inputs will change
+            row["state"] = "stale" if state == "done" else state
+            row["why"] = f"after {', '.join(ups)}" if ups else None
+        rows.append(row)
+    return rows
+
+
 def run_stage(
     name: str,
     config: RunConfig,
@@ -326,8 +361,9 @@ def run_stage(
     return manifest
 
 
-def _changes(recorded: Path, now: dict[str, Any], most: int = 3) -> str:
-    """What differs between the fingerprint inputs stored in ``recorded`` and ``now``, as 'key: old → new' items."""
+def _changes(recorded: Path | dict[str, Any], now: dict[str, Any], most: int = 3) -> str:
+    """What differs between the fingerprint inputs ``recorded`` (or stored in that file) and ``now``, as
+    'key: old → new' items."""
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):
@@ -335,7 +371,7 @@ def _changes(recorded: Path, now: dict[str, Any], most: int = 3) -> str:
         return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}.{key}" if prefix else key).items()}
 
     try:
-        old = flat(json.loads(recorded.read_text(encoding="utf-8")))
+        old = flat(recorded if isinstance(recorded, dict) else json.loads(recorded.read_text(encoding="utf-8")))
     except (OSError, ValueError):  # a partial folder from before this file was written
         return "its config or inputs differ from this run's"
     new = flat(now)
@@ -343,7 +379,9 @@ def _changes(recorded: Path, now: dict[str, Any], most: int = 3) -> str:
     items = []
     for k in keys[:most]:
         label = k.removeprefix("config.").removeprefix("upstream.").removeprefix("files.")
-        if k.startswith(("upstream.", "files.")):
+        if k.startswith("upstream."):
+            items.append(f"{label}'s output")
+        elif k.startswith("files."):
             items.append(f"{label} (its content)")
         else:
             items.append(f"{label}: {old.get(k, '(unset)')} → {new.get(k, '(unset)')}")

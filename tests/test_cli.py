@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -65,8 +66,6 @@ def test_single_stage_needs_a_config(tmp_path, capsys):
 
 def test_a_failed_command_does_not_leave_its_settings_in_the_run(tmp_path, capsys):
     """A --set the stage rejects is not inherited by the next command: the previous config.json comes back."""
-    import json
-
     run = tmp_path / "r"
     assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize"]) == 0
     before = (run / "config.json").read_bytes()
@@ -98,3 +97,21 @@ def test_a_second_command_in_a_busy_run_directory_is_refused(tmp_path, capsys):
         capsys.readouterr()
         assert main(["embed", "--run-dir", str(run), "--inspect"]) == 2
         assert "another sokhan command is working in this run directory" in capsys.readouterr().err
+
+
+def test_status_says_what_run_would_do_and_runs_nothing(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize"]) == 0
+    capsys.readouterr()
+    assert main(["status", "--run-dir", str(run), "--json"]) == 0
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
+    assert list(rows) == ["normalize", "tokenize", "embed", "train", "export", "evaluate"]
+    assert rows["normalize"]["state"] == "done" and rows["normalize"]["finished_at"]
+    assert all(rows[s]["state"] == "missing" for s in ("tokenize", "embed", "train", "export", "evaluate"))
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main(["status", "--run-dir", str(run), "--set", "normalize.dedupe=false"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["stage", "state", "finished", "took", "why"]
+    assert out[1].startswith("normalize") and "stale" in out[1] and out[1].endswith("normalize.dedupe: True → False")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written, config.json included
+    assert main(["status", "--run-dir", str(tmp_path / "none")]) == 2
