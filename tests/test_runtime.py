@@ -210,6 +210,23 @@ class CharTokenizer:
         return re.findall(r"\s*\w+|\s*[^\w\s]+|\s+", text)
 
 
+def chain_model(tok, table: dict, end: int, vocab: int = 6):
+    """A model whose next-token distribution is fixed by the text so far: ``table[text]`` ({token: p}), else
+    ``end`` (<|eos|>) for sure. Returns logits_for(text) and a batched step whose state is the texts."""
+
+    def logits_for(text):
+        out = np.full(vocab, -1e9)
+        for i, p in table.get(text, {end: 1.0}).items():
+            out[i] = math.log(p)
+        return out
+
+    def step(ids, state):  # a batch: one text per row
+        texts = [t + tok.decode([int(i)]) for t, i in zip(state, ids, strict=True)]
+        return np.stack([logits_for(t) for t in texts]), texts
+
+    return logits_for, step
+
+
 def test_next_words_exact_probabilities_on_a_known_chain():
     """A model whose next-character distribution is fixed by the text so far: the word probabilities are known.
 
@@ -248,16 +265,7 @@ def test_after_a_word_only_continuations_that_start_a_word_count():
     With ``after_word`` the search drops such continuations; " a" and "." remain (probabilities as without it)."""
     tok = CharTokenizer()
     table = {"": {1: 0.5, 2: 0.3, 3: 0.2}, "b": {2: 1.0}, " ": {0: 1.0}, " a": {2: 1.0}}
-
-    def logits_for(text):
-        out = np.full(6, -1e9)
-        for i, p in table.get(text, {4: 1.0}).items():
-            out[i] = math.log(p)
-        return out
-
-    def step(ids, state):
-        texts = [t + tok.decode([int(i)]) for t, i in zip(state, ids, strict=True)]
-        return np.stack([logits_for(t) for t in texts]), texts
+    logits_for, step = chain_model(tok, table, end=4)
 
     def search(after_word):
         found = next_words(step, [""], logits_for(""), tok, take=lambda s, rows: [s[r] for r in rows], k=5, beam=4,
@@ -480,16 +488,7 @@ def test_chinese_next_word_is_not_cut_where_jieba_cuts_a_partial_word():
 
     tok = ZhTokenizer()
     table = {"": {0: 1.0}, "织田": {1: 1.0}, "织田信": {2: 0.5, 3: 0.5}, "织田信长": {4: 1.0}}
-
-    def logits_for(text):
-        out = np.full(6, -1e9)
-        for i, p in table.get(text, {5: 1.0}).items():
-            out[i] = math.log(p)
-        return out
-
-    def step(ids, state):
-        texts = [t + tok.decode([int(i)]) for t, i in zip(state, ids, strict=True)]
-        return np.stack([logits_for(t) for t in texts]), texts
+    logits_for, step = chain_model(tok, table, end=5)
 
     take = lambda s, rows: [s[r] for r in rows]  # noqa: E731
     found = dict(next_words(step, [""], logits_for(""), tok, take=take, k=5, beam=4, lang="zh"))
