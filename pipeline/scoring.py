@@ -134,7 +134,7 @@ def score_windows(
         for i, (s, e, _) in enumerate(group):
             batch[i, : e - s] = t[s:e]
         with torch.no_grad():
-            logits = forward(batch).double()  # (B, L, V)
+            logits = forward(batch).double().cpu()  # (B, L, V): a GPU model's logits come back to be indexed
         logp = torch.log_softmax(logits, dim=-1)
         for i, (s, e, first) in enumerate(group):
             pos = torch.arange(first, e)  # targets, absolute positions

@@ -182,6 +182,47 @@ def test_cuda_requested_without_cuda_is_one_line(bundle):
     assert "CUDAExecutionProvider" in ort.get_available_providers() or "no CUDA provider" in str(e.value)
 
 
+def test_a_cuda_session_asks_for_full_float32_and_looks_for_the_cuda_libraries(bundle, monkeypatch, capsys):
+    """No GPU here: what open_session asks ONNX Runtime for is checked instead. TF32 (ONNX Runtime's default on
+    Ampere and later) put float32 logits 3e-3 off, past the export's 1e-4 parity check; without torch the CUDA
+    libraries are found only if preload_dlls looks for them, and its complaints must not reach stdout."""
+    import onnxruntime as ort
+
+    from sokhan.export import runtime
+
+    asked, real = [], ort.InferenceSession
+
+    def session(path, sess_options=None, providers=None):
+        asked.append(providers)
+        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(ort, "preload_dlls", lambda: print("Failed to load libcublas.so.13"), raising=False)
+    monkeypatch.setattr(runtime, "_PRELOADED", False)
+    runtime.open_session(bundle / "decoder.onnx", provider="auto")
+    assert asked == [[("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]]
+    assert runtime._PRELOADED and "Failed to load" not in capsys.readouterr().out
+    runtime.open_session(bundle / "decoder.onnx", provider="cpu")
+    assert asked[-1] == ["CPUExecutionProvider"]
+
+
+def test_float32_attention_on_a_gpu_is_named(bundle):
+    """GroupQueryAttention has CUDA kernels in float16 only: a float32 or int8-cache transformer graph on a GPU
+    runs its attention on the CPU. The notice names the graph to deploy; float16, CPU, Mamba: nothing to say."""
+    from sokhan.export.runtime import StateSpec, cuda_notice
+
+    config = {"kv_share_buffer": True}
+    f32 = [StateSpec("past_key_values.0.key", "present.0.key", ("batch", 2, "past", 16), "float32")]
+    f16 = [StateSpec("past_key_values.0.key", "present.0.key", ("batch", 2, "past", 16), "float16")]
+    i8 = [StateSpec("past_key_values.0.key", "present.0.key", ("batch", 2, "past", 16), "int8")]
+    assert "decoder.fp16.onnx" in cuda_notice(config, f32, "cuda", "decoder.onnx")
+    assert cuda_notice(config, i8, "cuda", "decoder.int8.onnx").startswith("decoder.int8.onnx: its attention")
+    assert cuda_notice(config, f16, "cuda", "decoder.fp16.onnx") is None
+    assert cuda_notice(config, f32, "cpu", "decoder.onnx") is None
+    assert cuda_notice({}, f32, "cuda", "decoder.onnx") is None  # Mamba, or written-out attention
+
+
 def test_context_limit_is_a_clear_error(decoder):
     with pytest.raises(SokhanError, match="max_context"):
         decoder.prefill([5] * (decoder.max_context + 1))

@@ -82,6 +82,28 @@ def test_windowed_scores_equal_full_context():
     assert (rank == want_rank).mean() > 0.98
 
 
+class OnDevice(torch.Tensor):
+    """Logits as a GPU model returns them: ``numpy()`` refuses (as on a CUDA tensor) until ``cpu()`` is called."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first")
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+
+def test_windowed_scores_bring_a_gpu_models_logits_back():
+    """evaluate.device = cuda: the scores were read with .numpy() off the GPU (TypeError). No GPU here, so a
+    tensor that refuses .numpy() as a CUDA one does stands in."""
+    V, n = 23, 40
+    model = ConvLM(V).eval()
+    tokens = np.random.default_rng(1).integers(V, size=n)
+    want = scoring.score_windows(model, tokens, window=16, stride=6, batch_size=3)
+    got = scoring.score_windows(lambda ids: model(ids).as_subclass(OnDevice), tokens, window=16, stride=6, batch_size=3)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_summarize_arithmetic(tokenizer):
     text = scoring.encode_lines(tokenizer, LINES["en"], "en", split=split)
     k = len(text.targets)
