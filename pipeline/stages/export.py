@@ -133,6 +133,8 @@ prediction with ONNX Runtime, no PyTorch needed.
 The runtime imports numpy, onnxruntime and sokhan's tokenizer (tokenizers, jieba, hazm), never torch: on a machine
 without torch, install those and sokhan itself without its dependencies, from a checkout of its repository or a
 wheel built there (`pip install --no-deps ./sokhan`, `pip install --no-deps sokhan-*.whl`; it is not on PyPI).
+On a GPU, `pip install "onnxruntime-gpu[cuda,cudnn]"` brings the CUDA libraries ONNX Runtime needs (without them
+it runs on the CPU and says so).
 
     sokhan generate --bundle . --prompt "..."
     sokhan predict --bundle . "..."
