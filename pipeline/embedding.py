@@ -64,6 +64,8 @@ def cooccurrence(shard: np.ndarray, meta: dict, vocab: int, window: int):
             if k <= 0:
                 break
             same = line[:k] == line[d : d + k]
+            if not same.any():  # no line is longer than d: none pairs farther (embed.window = 10**9 took minutes)
+                break
             rows.append(ids[:k][same])
             cols.append(ids[d : d + k][same])
             weights.append(np.full(int(same.sum()), 1.0 / d))
@@ -97,7 +99,8 @@ def frequent_tokens(counts: dict[str, np.ndarray], text: Callable[[int], str], s
 
 def readable(t: str) -> bool:
     """Whether a decoded token is whole text: no partial UTF-8 sequence (U+FFFD), no control characters."""
-    return bool(t.strip()) and "\ufffd" not in t and all(c.isprintable() for c in t)
+    # ZWNJ / ZWJ are not "printable" to Python but are part of Persian words (می‌کند): 76 tokens of a vocabulary.
+    return bool(t.strip()) and "\ufffd" not in t and all(c.isprintable() or c in "\u200c\u200d" for c in t)
 
 
 def display(t: str) -> str:
@@ -117,6 +120,7 @@ def nearest_neighbours(table: np.ndarray, queries: dict[str, list[int]], text: C
             sims[excluded] = -np.inf
             sims[q] = -np.inf
             top = np.argsort(-sims, kind="stable")[:k]
+            top = top[np.isfinite(sims[top])]  # fewer candidates than k: no excluded token fills the list (-inf)
             entries.append({
                 "id": q, "token": text(q),
                 "neighbours": [{"id": int(t), "token": text(int(t)), "cosine": round(float(sims[t]), 4)} for t in top],

@@ -159,7 +159,7 @@ def check_current(name: str, run_dir: Path) -> None:
     for source, digest in recorded.items():
         if not (run_dir / source / MANIFEST).exists():
             continue
-        if sha256_json(_manifest(run_dir, source)["outputs"]) != digest:
+        if upstream_digest(_manifest(run_dir, source)) != digest:
             raise SokhanError(f"{run_dir / name}: made from an older {source} output than the one in {run_dir / source} "
                               f"({source} ran again since); run `sokhan run --run-dir {run_dir}` to bring it up to date")
         check_current(source, run_dir)
@@ -196,6 +196,14 @@ def check_upstream(name: str, run_dir: Path) -> None:
             check_current(up, run_dir)
 
 
+def upstream_digest(manifest: dict[str, Any]) -> str:
+    """What a later stage's fingerprint records of a stage's output: the hash of its files, less the reports that
+    stage names in its manifest (``REPORTS``: plots, neighbour lists; no stage reads them), so that redrawing a
+    plot does not make training stale. A manifest from before the field counts every file, as it did then."""
+    reports = set(manifest.get("reports", ()))
+    return sha256_json({k: v for k, v in manifest["outputs"].items() if k not in reports})
+
+
 def _fingerprint(name: str, mod: ModuleType, config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Any]]:
     """What the stage's result depends on: its config sections, upstream outputs and input files."""
     inputs: dict[str, Any] = {
@@ -205,7 +213,7 @@ def _fingerprint(name: str, mod: ModuleType, config: RunConfig, run_dir: Path) -
         "files": {},
     }
     for up in mod.UPSTREAM:
-        inputs["upstream"][up] = sha256_json(_manifest(run_dir, up)["outputs"])
+        inputs["upstream"][up] = upstream_digest(_manifest(run_dir, up))
     if hasattr(mod, "inputs"):
         for p in mod.inputs(config):
             inputs["files"][str(p)] = sha256_file(p)
@@ -344,6 +352,7 @@ def run_stage(
         "config": {s: full_config[s] for s in mod.SECTIONS},
         "inputs": {"upstream": inputs["upstream"], "files": inputs["files"]},
         "outputs": outputs,
+        **({"reports": list(mod.REPORTS)} if getattr(mod, "REPORTS", ()) else {}),
         "metrics": metrics,
         "versions": versions(),
         "wall_time_s": round(wall, 3),

@@ -97,6 +97,45 @@ def test_cooccurrence_matches_a_brute_force_count_inside_lines():
                     expect[line[i], line[i + d]] += 1.0 / d
                     expect[line[i + d], line[i]] += 1.0 / d
     np.testing.assert_allclose(embedding.cooccurrence(shard, META, 9, window).toarray(), expect, rtol=1e-12)
+    # A window past the longest line counts the same pairs, and stops at that line's length (10**9 took minutes).
+    longest = max(len(line) for line in lines)
+    np.testing.assert_array_equal(embedding.cooccurrence(shard, META, 9, 10**9).toarray(),
+                                  embedding.cooccurrence(shard, META, 9, longest).toarray())
+
+
+def test_ppmi_svd_on_fewer_distinct_tokens_than_dimensions(tmp_path):
+    """15 distinct tokens and d_model 32: columns past the PPMI matrix's rank were 0 for every token seen, and
+    the rescale (over those zeros too) made the rest ~3x the std asked for. Now they are normal draws."""
+    from sokhan.pipeline.stages.embed import EmbedConfig, ppmi_svd_table
+
+    rng = np.random.default_rng(0)
+    vocab, d_model = 40, 32
+    meta = {"vocab_size": vocab, "special_tokens": {"<|eos|>": 1, "<|lang:en|>": 3}}
+    ids = []
+    for _ in range(200):
+        ids += [3, *rng.integers(4, 16, size=int(rng.integers(2, 9))).tolist(), 1]
+    table, extra = ppmi_svd_table(np.asarray(ids, dtype=np.uint16), meta, vocab, d_model, EmbedConfig(init="ppmi-svd"))
+    seen = np.zeros(vocab, bool)
+    seen[np.unique(ids)] = True
+    rank = extra["svd_rank"]
+    assert 0 < rank <= seen.sum() < d_model
+    spread = table[seen].std(axis=0)  # per column, over the tokens seen
+    assert spread.min() > 1e-4  # no dead column (they were 0 to rounding)
+    assert table[seen, :rank].std() == pytest.approx(0.02, rel=1e-6)
+    assert table[:, rank:].std() == pytest.approx(0.02, rel=0.15)
+
+
+def test_neighbours_never_pad_with_excluded_tokens_and_persian_zwnj_tokens_count():
+    """Fewer candidates than k: the list was filled with excluded tokens at cosine -inf (not valid JSON).
+    Tokens with a ZWNJ inside (می‌کند) were never readable, so never plotted or offered as neighbours."""
+    table = np.random.default_rng(0).standard_normal((6, 4))
+    candidates = np.array([False, False, True, True, True, False])
+    report = embedding.nearest_neighbours(table, {"en": [2]}, str, candidates, k=8)
+    got = report["languages"]["en"][0]["neighbours"]
+    assert [n["id"] for n in got] and all(n["id"] in (3, 4) for n in got) and len(got) == 2
+    json.loads(json.dumps(report), parse_constant=lambda c: pytest.fail(f"{c} in the report"))
+    assert embedding.readable(" می\u200cکند") and embedding.readable("\u200cهای")
+    assert not embedding.readable("a\x07") and not embedding.readable("\ufffd")
 
 
 def test_token_languages_follow_the_last_marker_across_chunks(monkeypatch):
@@ -142,6 +181,25 @@ def test_inspect_draws_the_trained_table_without_rerunning_embed(tmp_path):
     assert (run / "train" / "embeddings_trained.png").stat().st_size > 20_000
     report = json.loads((run / "train" / "neighbours_trained.json").read_text())
     assert set(report["languages"]) == {"fa", "zh", "en"}
+
+
+def test_redrawing_the_plot_leaves_training_current(tmp_path):
+    """embed.plot_tokens changes only embeddings.png: train, export and evaluate went stale (and embed --inspect
+    refused) because a later stage's fingerprint hashed every file of embed's output."""
+    from sokhan.pipeline.stage import status
+
+    run = make_tiny_run(tmp_path)
+    cfg = tiny_config("train.steps=2")
+    run_stage("embed", cfg, run)
+    run_stage("train", cfg, run)
+    redraw = tiny_config("train.steps=2", "embed.plot_tokens=5")
+    table = (run / "embed" / "embeddings.safetensors").read_bytes()
+    run_stage("embed", redraw, run)
+    assert (run / "embed" / "embeddings.safetensors").read_bytes() == table
+    assert status("embed", redraw, run) == "done" and status("train", redraw, run) == "done"
+    # A new table does make training stale.
+    run_stage("embed", tiny_config("train.steps=2", "embed.seed=1"), run)
+    assert status("train", tiny_config("train.steps=2", "embed.seed=1"), run) == "stale"
 
 
 def test_inspect_before_training_is_a_one_line_error(tmp_path, capsys):

@@ -21,6 +21,8 @@ from sokhan import SokhanError
 
 SECTIONS = ("embed", "model")
 UPSTREAM = ("tokenize",)
+# What no later stage reads (train reads embeddings.safetensors): a new plot (embed.plot_tokens) leaves them current.
+REPORTS = ("neighbours.json", "embeddings.png")
 
 
 @dataclass
@@ -146,17 +148,21 @@ def ppmi_svd_table(train, meta: dict, vocab: int, d_model: int, cfg: EmbedConfig
     ppmi = sp.csr_matrix((pmi[keep], (coo.row[keep], coo.col[keep])), shape=(vocab, vocab))
     k = min(d_model, vocab - 1)
     u, s, _ = randomized_svd(ppmi, n_components=k, n_iter=5, random_state=cfg.seed)
-    vectors = np.zeros((vocab, d_model))
-    vectors[:, :k] = u * np.sqrt(s)
     seen = row > 0
-    vectors[seen] *= cfg.std / vectors[seen].std()
+    # The matrix has at most as many directions as tokens seen: past its rank a column is 0 for every token
+    # (a small corpus, or d_model near the vocabulary), so only the columns up to the rank come from the SVD.
+    rank = int(min(k, seen.sum(), (s > s[0] * 1e-10).sum() if s.size and s[0] > 0 else 0))
+    vectors = np.zeros((vocab, d_model))
+    vectors[:, :rank] = (u * np.sqrt(s))[:, :rank]
+    if rank:
+        vectors[seen, :rank] *= cfg.std / vectors[seen, :rank].std()
     rng = np.random.default_rng(cfg.seed)
-    # Unseen tokens (and columns beyond the matrix rank) get the normal init, so no row or column is dead.
+    # Unseen tokens and the columns past the rank get the normal init, so no row or column is dead.
     vectors[~seen] = rng.standard_normal((int((~seen).sum()), d_model)) * cfg.std
-    if k < d_model:
-        vectors[:, k:] = rng.standard_normal((vocab, d_model - k)) * cfg.std
+    if rank < d_model:
+        vectors[:, rank:] = rng.standard_normal((vocab, d_model - rank)) * cfg.std
     return vectors.astype(np.float32), {
-        "cooccurrence_pairs": int(counts.nnz), "ppmi_nonzero": int(ppmi.nnz), "tokens_seen": int(seen.sum()),
+        "cooccurrence_pairs": int(counts.nnz), "ppmi_nonzero": int(ppmi.nnz), "tokens_seen": int(seen.sum()), "svd_rank": rank,
         "singular_values_top5": [round(float(x), 4) for x in s[:5]],
     }
 
