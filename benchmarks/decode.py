@@ -46,6 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_cli import positive, run
+
 from sokhan.export.onnx import export_decoder, state_layout
 from sokhan.export.prefill import export_prefill
 from sokhan.export.quantize import to_int8
@@ -222,11 +224,11 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=[16, 64, 256, 1024, 2048, 4096])
-    p.add_argument("--prompts", type=int, nargs="+", default=[64, 256, 1024], help="Mamba prefill: prompt lengths")
+    p.add_argument("--contexts", type=positive, nargs="+", default=[16, 64, 256, 1024, 2048, 4096])
+    p.add_argument("--prompts", type=positive, nargs="+", default=[64, 256, 1024], help="Mamba prefill: prompt lengths")
     p.add_argument("--prefill-only", action="store_true", help="only the Mamba prefill measurement (prefill.json)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--threads", type=positive, default=1)
+    p.add_argument("--reps", type=positive, default=50)
     p.add_argument("--preset", default="tiny", choices=("tiny", "small", "base"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -328,4 +330,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

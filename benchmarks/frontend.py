@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_cli import positive, run
+
 REPO = Path(__file__).resolve().parents[1]
 LANGS = ("fa", "zh", "en")
 
@@ -86,7 +88,7 @@ def sentencepiece_shares(sp) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpora", type=Path, default=REPO.parent / "shared" / "corpora")
-    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--vocab-size", type=positive, default=8000)
     parser.add_argument("--val-fraction", type=float, default=0.05)
     args = parser.parse_args()
 
@@ -225,4 +227,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

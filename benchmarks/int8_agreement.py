@@ -23,6 +23,8 @@ from pathlib import Path
 
 import onnx
 
+from bench_cli import run
+
 from sokhan.export import kvcache
 from sokhan.export.quantize import agreement, to_int8
 from sokhan.export.runtime import Decoder
@@ -77,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -30,6 +30,8 @@ if not torch.cuda.is_available():
     # Triton decides interpreted vs compiled when a kernel is defined: set before any kernel module loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from bench_cli import positive, run  # noqa: E402
+
 from sokhan.kernels import (  # noqa: E402
     causal_conv1d,
     causal_conv1d_update,
@@ -82,7 +84,8 @@ def state_update_case(L, device, dtype, batch=None, dim=1536, N=16):
         "B": r(batch, N), "C": r(batch, N), "D": r(dim), "z": r(batch, dim), "dt_bias": r(dim, scale=0.1),
     }
     size = torch.finfo(dtype).bits // 8
-    return Case(inputs, lambda backend, **a: selective_state_update(**a, dt_softplus=True, backend=backend),
+    # The state is updated in place: it is an output as much as y (the agreement check compares both).
+    return Case(inputs, lambda backend, **a: (selective_state_update(**a, dt_softplus=True, backend=backend), a["state"]),
                 bytes=size * (2 * batch * dim * N + 4 * batch * dim), backward=False)
 
 
@@ -99,7 +102,7 @@ def conv_update_case(L, device, dtype, batch=None, dim=1536, W=4):
     r = lambda *s, **k: _randn(*s, device=device, dtype=dtype, **k)  # noqa: E731
     inputs = {"x": r(batch, dim), "conv_state": r(batch, dim, W), "weight": r(dim, W, scale=0.5), "bias": r(dim)}
     size = torch.finfo(dtype).bits // 8
-    return Case(inputs, lambda backend, **a: causal_conv1d_update(**a, activation="silu", backend=backend),
+    return Case(inputs, lambda backend, **a: (causal_conv1d_update(**a, activation="silu", backend=backend), a["conv_state"]),
                 bytes=size * batch * dim * (2 * W + 2), backward=False)
 
 
@@ -299,15 +302,20 @@ def plot(rows: list[dict], device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
-    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--ref-max-len", type=int, default=8192, help="skip the (slow) references above this L")
+    parser.add_argument("--lengths", type=positive, nargs="+", default=None,
+                        help="GPU: sequence lengths to time (default 256 … 8192)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="GPU: input dtype (default float32)")
+    parser.add_argument("--ref-max-len", type=positive, default=None, help="GPU: skip the (slow) references above this L (default 8192)")
     args = parser.parse_args()
+    timing_flags = [f for f, v in (("--lengths", args.lengths), ("--dtype", args.dtype), ("--ref-max-len", args.ref_max_len)) if v]
     if torch.cuda.is_available() and not dispatch.interpreting():
-        timings(args.ops, args.lengths, getattr(torch, args.dtype), args.ref_max_len)
+        timings(args.ops, args.lengths or [256, 512, 1024, 2048, 4096, 8192], getattr(torch, args.dtype or "float32"),
+                args.ref_max_len or 8192)
+    elif timing_flags:
+        parser.error(f"{', '.join(timing_flags)}: timing needs a GPU; without one this script checks agreement only")
     else:
         agreement(args.ops)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from bench_cli import positive, run
+
 from sokhan.kernels.selective_scan import compiled, selective_scan_chunked, selective_scan_compiled, selective_scan_ref
 from sokhan.kernels.selective_scan.chunked import _MAX_LOG_DECAY, chunk_bounds
 from sokhan.kernels.selective_scan.reference import discretize_delta
@@ -71,12 +73,12 @@ def measure(scan, inputs: dict[str, torch.Tensor], backward: bool, repeats: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--dstate", type=int, default=16)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=positive, default=2)
+    parser.add_argument("--dim", type=positive, default=256)
+    parser.add_argument("--dstate", type=positive, default=16)
+    parser.add_argument("--lengths", type=positive, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--threads", type=positive, default=1)
+    parser.add_argument("--repeats", type=positive, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -125,4 +127,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

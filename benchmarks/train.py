@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from bench_cli import positive, run
+
 from sokhan.kernels import cross_entropy, dispatch
 from sokhan.pipeline.models import ModelConfig, build
 from sokhan.pipeline.train.loop import lm_loss
@@ -100,16 +102,19 @@ def time_steps(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--vocab", type=int, default=8000)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--seq-len", type=positive, default=256)
+    ap.add_argument("--batch-size", type=positive, default=8)
+    ap.add_argument("--d-model", type=positive, default=128)
+    ap.add_argument("--vocab", type=positive, default=8000)
+    ap.add_argument("--steps", type=positive, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
-    ap.add_argument("--kernels", default="auto", help="SOKHAN_KERNELS backend for the Mamba scan")
+    ap.add_argument("--threads", type=positive, default=1, help="torch intra-op threads on CPU (default 1)")
+    ap.add_argument("--kernels", default="auto", choices=("auto", "triton", "reference", "cpu"),
+                    help="SOKHAN_KERNELS backend for the Mamba scan")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: this PyTorch sees no GPU")
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -145,4 +150,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
