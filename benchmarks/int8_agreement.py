@@ -67,14 +67,14 @@ def main() -> None:
     p.add_argument("runs", type=Path, nargs="+", help="run directories with an exported bundle")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = {str(run): measure(run, Path(tmp)) for run in args.runs}
+        results = {str(run_dir): measure(run_dir, Path(tmp)) for run_dir in args.runs}
     OUT.mkdir(parents=True, exist_ok=True)
     write_json(OUT / "int8_agreement.json", results)
     print("\n| run | arch | graph | top-1 agreement | positions | max abs logit diff |")
     print("|---|---|---|---:|---:|---:|")
-    for run, r in results.items():
+    for run_dir, r in results.items():
         for name, a in r["graphs"].items():
-            print(f"| {Path(run).name} | {r['arch']} | {name} | {a['top1_agreement']:.2%} | {a['positions']} | "
+            print(f"| {Path(run_dir).name} | {r['arch']} | {name} | {a['top1_agreement']:.2%} | {a['positions']} | "
                   f"{a['max_abs_logit_diff']:.2f} |")
 
 
