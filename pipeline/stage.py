@@ -238,8 +238,9 @@ def status(name: str, config: RunConfig, run_dir: Path) -> str:
 
 def describe(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
     """Per stage, in order, what ``sokhan run`` would do with ``config``, without running anything: ``state``
-    (``status``; a stage whose upstream will run again is ``stale`` too), ``why`` (what changed, or which upstream
-    runs first), ``finished_at`` and ``wall_time_s`` of its output."""
+    (``status``; a stage whose upstream will run again is ``stale`` too; ``interrupted`` for a stage never finished
+    that left checkpoints), ``why`` (what changed, which upstream runs first, or whether an interrupted run would be
+    resumed), ``finished_at`` and ``wall_time_s`` of its output."""
     from sokhan.pipeline.config import ADDED_LATER
 
     run_dir = Path(run_dir)
@@ -267,6 +268,20 @@ def describe(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
         elif state == "blocked" or (state == "done" and ups):  # up to date now, but its inputs will change
             row["state"] = "stale" if state == "done" else state
             row["why"] = f"after {', '.join(ups)}" if ups else None
+        partial = run_dir / f"{name}.partial"
+        step = getattr(stage_module(name), "resumable_step", lambda p: None)(partial) if partial.is_dir() else None
+        if step is not None and row["state"] != "done":  # an interrupted run with checkpoints (training)
+            try:
+                fp, now = _fingerprint(name, stage_module(name), config, run_dir)
+            except SokhanError:
+                fp, now = None, {}
+            stamp = partial / ".fingerprint"
+            row["state"] = "interrupted" if row["state"] == "missing" else row["state"]
+            if stamp.exists() and stamp.read_text().strip() == fp:
+                row["why"] = f"interrupted at step {step}: `sokhan run` resumes it"
+            else:
+                row["why"] = (f"interrupted at step {step} under other settings "
+                              f"({_changes(partial / '.fingerprint.json', now)}): `sokhan run` discards it")
         rows.append(row)
     return rows
 

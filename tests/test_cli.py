@@ -115,3 +115,24 @@ def test_status_says_what_run_would_do_and_runs_nothing(tmp_path, capsys):
     assert out[1].startswith("normalize") and "stale" in out[1] and out[1].endswith("normalize.dedupe: True → False")
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written, config.json included
     assert main(["status", "--run-dir", str(tmp_path / "none")]) == 2
+
+
+def test_status_says_whether_an_interrupted_training_run_would_resume(tmp_path, capsys):
+    from sokhan.pipeline.config import load_config
+    from sokhan.pipeline.stage import _fingerprint, stage_module
+
+    run = tmp_path / "r"
+    assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize,tokenize,embed"]) == 0
+    partial = run / "train.partial"
+    (partial / "checkpoints" / "step_000040").mkdir(parents=True)  # what a run killed after step 40 leaves
+    fp, inputs = _fingerprint("train", stage_module("train"), load_config("sample"), run)
+    (partial / ".fingerprint").write_text(fp)
+    (partial / ".fingerprint.json").write_text(json.dumps(inputs))
+    capsys.readouterr()
+    assert main(["status", "--run-dir", str(run), "--json"]) == 0
+    train = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}["train"]
+    assert train["state"] == "interrupted" and train["why"] == "interrupted at step 40: `sokhan run` resumes it"
+    assert main(["status", "--run-dir", str(run), "--json", "--set", "train.lr=0.001"]) == 0
+    train = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}["train"]
+    assert train["why"] == ("interrupted at step 40 under other settings (train.lr: 0.003 → 0.001): "
+                            "`sokhan run` discards it")

@@ -94,6 +94,14 @@ def resumable_work(partial: Path) -> bool:
     return bool(checkpoints(partial / "checkpoints"))
 
 
+def resumable_step(partial: Path) -> int | None:
+    """The step an interrupted run would continue from (its newest checkpoint), or None (``sokhan status``)."""
+    from sokhan.pipeline.train.checkpoint import checkpoints
+
+    found = checkpoints(partial / "checkpoints")
+    return found[-1][0] if found else None
+
+
 def run(ctx) -> dict:
     from sokhan.pipeline.stage import log
     from sokhan.pipeline.stages.tokenize import read_meta
