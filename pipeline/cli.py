@@ -168,9 +168,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Whether ``e`` is Ctrl-C, or an error raised while handling it: a library caught the KeyboardInterrupt
+    midway (torch.onnx's exporter wraps it in a TorchExportError with a hundred lines of traceback)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    stages = not getattr(args, "tool", None) and args.command != "status"
     try:
         if getattr(args, "tool", None):
             return importlib.import_module(args.tool).main(args) or 0
@@ -180,12 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     except SokhanError as e:
         print(f"sokhan: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("sokhan: interrupted; finished stages are kept, the interrupted one is not published", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `sokhan status … | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except BaseException as e:
+        if not _interrupted(e):
+            raise
+        print("sokhan: interrupted" + ("; finished stages are kept, the interrupted one is not published" if stages else ""),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from sokhan.pipeline.cli import main
 
 
@@ -136,3 +138,23 @@ def test_status_says_whether_an_interrupted_training_run_would_resume(tmp_path, 
     train = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}["train"]
     assert train["why"] == ("interrupted at step 40 under other settings (train.lr: 0.003 → 0.001): "
                             "`sokhan run` discards it")
+
+
+def test_ctrl_c_wrapped_by_a_library_is_still_an_interruption(monkeypatch, capsys):
+    """Ctrl-C during `export` came back as torch.onnx's TorchExportError (raised while handling the
+    KeyboardInterrupt): 86 to 142 lines of traceback and exit 1 instead of the one-line interruption."""
+    from sokhan.pipeline import cli
+
+    def export_interrupted(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Failed to export the model with torch.export") from e
+
+    monkeypatch.setattr(cli, "_run", export_interrupted)
+    assert main(["export", "--run-dir", "r"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "sokhan: interrupted; finished stages are kept, the interrupted one is not published")
+    monkeypatch.setattr(cli, "_run", lambda args: 1 / 0)  # anything else is not dressed up as an interruption
+    with pytest.raises(ZeroDivisionError):
+        main(["export", "--run-dir", "r"])

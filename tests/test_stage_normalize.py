@@ -123,7 +123,7 @@ def _bad_input(tmp_path, capsys, sources, message, **extra):
 def test_bad_invalid_utf8_names_file_and_line(tmp_path, capsys):
     bad = _write(tmp_path / "fa.txt", "خط اول\nخط دوم\n".encode() + b"\xd8 broken\n")
     line = _bad_input(tmp_path, capsys, [(bad, "fa")], f"{bad}:3: invalid UTF-8")
-    assert "byte 0xd8 at column 1" in line and 'corpus.errors = "replace" or "skip"' in line
+    assert "byte 0xd8, character 1 of the line" in line and 'corpus.errors = "replace" or "skip"' in line
 
 
 def test_bad_binary_file(tmp_path, capsys):

@@ -57,7 +57,8 @@ def _read_invalid(path: Path, data: bytes, errors: Errors) -> Iterator[tuple[int
         except UnicodeDecodeError as e:
             if errors == "strict":
                 raise SokhanError(
-                    f"{path}:{i}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    f"{path}:{i}: invalid UTF-8 (byte 0x{raw[e.start]:02x}, character {len(raw[: e.start].decode('utf-8', 'replace')) + 1} "
+                    f"of the line); "
                     'fix the file or set corpus.errors = "replace" or "skip"'
                 ) from None
             yield i, raw.decode("utf-8", errors="replace") if errors == "replace" else None
