@@ -115,13 +115,22 @@ def _preload_cuda() -> None:
                 pass
 
 
+def _gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU (its driver), so that ``auto`` has a CUDA provider to try."""
+    import glob
+    import os
+
+    return os.path.exists("/proc/driver/nvidia/version") or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def _providers(provider: str) -> list[str]:
     import onnxruntime as ort
 
     if provider not in ("auto", "cuda", "cpu"):
         raise SokhanError(f"provider {provider!r}: valid providers are auto, cuda, cpu")
     available = ort.get_available_providers()
-    if provider == "cpu" or "CUDAExecutionProvider" not in available:
+    # onnxruntime-gpu lists its CUDA provider on any machine; without a GPU, auto is the CPU, without a notice.
+    if provider == "cpu" or "CUDAExecutionProvider" not in available or (provider == "auto" and not _gpu_present()):
         if provider == "cuda":
             raise SokhanError("provider 'cuda': this onnxruntime build has no CUDA provider (install onnxruntime-gpu)")
         return ["CPUExecutionProvider"]
@@ -385,7 +394,7 @@ def cuda_notice(config: dict, specs: list[StateSpec], device: str, graph: str) -
 class Decoder:
     """An exported bundle, ready to generate text and predict next words.
 
-    ``provider``: ``"auto"`` (CUDA when it loads, else CPU with a one-line notice), ``"cuda"`` or ``"cpu"``.
+    ``provider``: ``"auto"`` (CUDA when it loads, else CPU: silently on a machine without an NVIDIA GPU, with a one-line notice where one did not load), ``"cuda"`` or ``"cpu"``.
     ``graph``: the ONNX file in the bundle to run (``decoder.onnx``; a bundle may add ``decoder.fp16.onnx`` or
     ``decoder.int8.onnx``, listed in ``config.json``'s ``variants``).
     """

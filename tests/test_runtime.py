@@ -198,6 +198,7 @@ def test_a_cuda_session_asks_for_full_float32_and_looks_for_the_cuda_libraries(b
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(runtime, "_gpu_present", lambda: True)
     monkeypatch.setattr(ort, "preload_dlls", lambda: print("Failed to load libcublas.so.13"), raising=False)
     monkeypatch.setattr(runtime, "_PRELOADED", False)
     runtime.open_session(bundle / "decoder.onnx", provider="auto")
@@ -205,6 +206,12 @@ def test_a_cuda_session_asks_for_full_float32_and_looks_for_the_cuda_libraries(b
     assert runtime._PRELOADED and "Failed to load" not in capsys.readouterr().out
     runtime.open_session(bundle / "decoder.onnx", provider="cpu")
     assert asked[-1] == ["CPUExecutionProvider"]
+    # onnxruntime-gpu lists CUDA on a machine without a GPU too: auto takes the CPU there, and says nothing.
+    monkeypatch.setattr(runtime, "_gpu_present", lambda: False)
+    monkeypatch.setattr(runtime, "_NOTICED", False)
+    capsys.readouterr()
+    runtime.open_session(bundle / "decoder.onnx", provider="auto")
+    assert asked[-1] == ["CPUExecutionProvider"] and "CUDA" not in capsys.readouterr().err
 
 
 def test_float32_attention_on_a_gpu_is_named(bundle):
