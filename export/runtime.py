@@ -394,7 +394,8 @@ def cuda_notice(config: dict, specs: list[StateSpec], device: str, graph: str) -
 class Decoder:
     """An exported bundle, ready to generate text and predict next words.
 
-    ``provider``: ``"auto"`` (CUDA when it loads, else CPU: silently on a machine without an NVIDIA GPU, with a one-line notice where one did not load), ``"cuda"`` or ``"cpu"``.
+    ``provider``: ``"auto"`` (CUDA when it loads, else CPU: silently on a machine without an NVIDIA GPU, with a
+    one-line notice where one did not load), ``"cuda"`` or ``"cpu"``.
     ``graph``: the ONNX file in the bundle to run (``decoder.onnx``; a bundle may add ``decoder.fp16.onnx`` or
     ``decoder.int8.onnx``, listed in ``config.json``'s ``variants``).
     """
