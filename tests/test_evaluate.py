@@ -189,6 +189,14 @@ def test_stale_model_or_foreign_bundle_is_refused(tmp_path, monkeypatch):
     with pytest.raises(SokhanError, match=r"its model is not this run's \(arch = 'transformer' in the bundle, 'mamba'"):
         evaluate(config.evaluate, run / "tokenize", run / "train", bundle=bundle)
 
+    # The run's own bundle, exported before train ran again (its manifest records an older train output).
+    own = run / "export" / "bundle"
+    shutil.copytree(bundle, own)
+    write_json(run / "export" / "manifest.json", {"stage": "export", "outputs": {},
+                                                   "inputs": {"upstream": {"train": "an older output"}}})
+    with pytest.raises(SokhanError, match=r"export: made from an older train output .*run `sokhan run"):
+        evaluate(config.evaluate, run / "tokenize", run / "train", bundle=own)
+
     smaller = Tokenizer.train(iter([["a", "b", "c"]]), vocab_size=vocab - 20, min_frequency=1, segmenter=SegmenterConfig())
     smaller.save(run / "tokenize")  # tokenize ran again after train
     with pytest.raises(SokhanError, match="model is stale"):

@@ -260,6 +260,14 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
         from sokhan.export.runtime import Decoder
         from sokhan.pipeline.config import to_dict
 
+        run_dir = Path(train_dir).parent
+        own = Path(bundle).resolve() == (run_dir / "export" / "bundle").resolve()
+        if own and (run_dir / "export" / "manifest.json").exists():
+            from sokhan.pipeline.stage import check_current
+
+            # The run's own bundle, exported before train ran again: the graph holds the older weights, and its
+            # "agreement" with this model (65 % in a user's run) would read as a broken export.
+            check_current("export", run_dir)
         decoder = Decoder(bundle, provider="cpu", graph=graph)
         exported, trained = decoder.config.get("model", {}), to_dict(mcfg)
         differ = [k for k in sorted(trained) if k in exported and exported[k] != trained[k]]
