@@ -246,6 +246,7 @@ def describe(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
     run_dir = Path(run_dir)
     unset = object()
     rows: list[dict[str, Any]] = []
+    reports_only: set[str] = set()  # stale stages that will rewrite only their reports (embed.plot_tokens)
     for name in STAGES:
         state = status(name, config, run_dir)
         row: dict[str, Any] = {"stage": name, "state": state, "why": None, "finished_at": None, "wall_time_s": None}
@@ -254,15 +255,23 @@ def describe(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
         except SokhanError:
             man, row["why"] = {}, "its manifest.json is damaged"
         row["finished_at"], row["wall_time_s"] = man.get("finished_at"), man.get("wall_time_s")
-        ups = [u for u in stage_module(name).UPSTREAM if next(r for r in rows if r["stage"] == u)["state"] != "done"]
+        # Upstream stages that `sokhan run` would run first (a blocked one cannot run: it changes nothing).
+        ups = [u for u in stage_module(name).UPSTREAM if u not in reports_only
+               and next(r for r in rows if r["stage"] == u)["state"] in ("stale", "missing", "interrupted")]
         if state == "stale" and man:
             _, now = _fingerprint(name, stage_module(name), config, run_dir)
+            now = {k: v for k, v in now.items() if k != "stage"}
             recorded = {
                 "config": {s: {k: v for k, v in values.items() if ADDED_LATER.get((s, k), unset) != v}
                            for s, values in man.get("config", {}).items()},
                 **man.get("inputs", {}),
             }
-            row["why"] = _changes(recorded, {k: v for k, v in now.items() if k != "stage"})
+            row["why"] = _changes(recorded, now)
+            old, new = _flat(recorded), _flat(now)
+            changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+            report_keys = {f"config.{key}" for key in getattr(stage_module(name), "REPORT_KEYS", ())}
+            if changed and changed <= report_keys and "reports" in man:  # (older manifests hashed the reports too)
+                reports_only.add(name)
             if ups:
                 row["why"] += f"; after {', '.join(ups)}"
         elif state == "blocked" or (state == "done" and ups):  # up to date now, but its inputs will change
@@ -385,20 +394,22 @@ def run_stage(
     return manifest
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"a.b.c": value}."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}.{key}" if prefix else key).items()}
+
+
 def _changes(recorded: Path | dict[str, Any], now: dict[str, Any], most: int = 3) -> str:
     """What differs between the fingerprint inputs ``recorded`` (or stored in that file) and ``now``, as
     'key: old → new' items."""
 
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix: d}
-        return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}.{key}" if prefix else key).items()}
-
     try:
-        old = flat(recorded if isinstance(recorded, dict) else json.loads(recorded.read_text(encoding="utf-8")))
+        old = _flat(recorded if isinstance(recorded, dict) else json.loads(recorded.read_text(encoding="utf-8")))
     except (OSError, ValueError):  # a partial folder from before this file was written
         return "its config or inputs differ from this run's"
-    new = flat(now)
+    new = _flat(now)
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     items = []
     for k in keys[:most]:

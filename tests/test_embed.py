@@ -197,6 +197,11 @@ def test_redrawing_the_plot_leaves_training_current(tmp_path):
     run_stage("embed", redraw, run)
     assert (run / "embed" / "embeddings.safetensors").read_bytes() == table
     assert status("embed", redraw, run) == "done" and status("train", redraw, run) == "done"
+    # `sokhan status` says so before: a report-only setting leaves train out of what would rerun.
+    from sokhan.pipeline.stage import describe
+
+    rows = {r["stage"]: r for r in describe(tiny_config("train.steps=2", "embed.plot_tokens=7"), run)}
+    assert rows["embed"]["state"] == "stale" and rows["train"]["state"] == "done"
     # A new table does make training stale.
     run_stage("embed", tiny_config("train.steps=2", "embed.seed=1"), run)
     assert status("train", tiny_config("train.steps=2", "embed.seed=1"), run) == "stale"

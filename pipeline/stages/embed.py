@@ -23,6 +23,7 @@ SECTIONS = ("embed", "model")
 UPSTREAM = ("tokenize",)
 # What no later stage reads (train reads embeddings.safetensors): a new plot (embed.plot_tokens) leaves them current.
 REPORTS = ("neighbours.json", "embeddings.png")
+REPORT_KEYS = ("embed.plot_tokens", "embed.neighbours")  # settings that change only those (`sokhan status`)
 
 
 @dataclass
