@@ -13,7 +13,7 @@ from conftest import CORPORA
 from sokhan.pipeline.config import load_config
 from sokhan.pipeline.stage import run_stage
 from sokhan import SokhanError
-from sokhan.pipeline.stages.tokenize import TokenizeConfig, shard_dtype, split_indices
+from sokhan.pipeline.stages.tokenize import TokenizeConfig, shard_dtype, split_block, split_indices
 from sokhan.tokenization import Tokenizer, segment
 from sokhan.tokenization.segment import words
 
@@ -145,7 +145,7 @@ def test_split_indices_in_blocks(n, block):
     of 1 is the single-line split."""
     held = split_indices(n, 0.05, 0, "fa", block)
     assert held == sorted(set(held)) and 0 < len(held) < n
-    eff = min(block, n - 1)
+    eff = min(split_block(n, 0.05, block), n - 1)
     runs = {i // eff for i in held}
     assert held == [i for r in sorted(runs) for i in range(r * eff, min(n, (r + 1) * eff))]
     total = -(-n // eff)
@@ -153,6 +153,13 @@ def test_split_indices_in_blocks(n, block):
     assert split_indices(n, 0.05, 0, "fa", 1) == split_indices(n, 0.05, 0, "fa")
     with pytest.raises(SokhanError, match="tokenize.val_block"):
         TokenizeConfig(val_block=0)
+
+
+def test_a_block_is_never_more_than_the_share_held_out():
+    """A 15-line file with val_block = 20 had 14 lines held out (one run of 14) and 36 tokens left to train on."""
+    assert split_block(15, 0.05, 20) == 1 and len(split_indices(15, 0.05, 0, "fa", 20)) == 1
+    assert split_block(100, 0.1, 20) == 10 and len(split_indices(100, 0.1, 0, "fa", 20)) == 10
+    assert split_block(43726, 0.05, 20) == 20  # the corpora's split is unchanged
 
 
 def test_shard_dtype():

@@ -119,16 +119,23 @@ def weighted_lines(lines: list, weight: float) -> Iterator:
         done = upto
 
 
+def split_block(n: int, val_fraction: float, block: int) -> int:
+    """The run length ``split_indices`` uses for ``n`` lines: ``block``, but never more than the ``val_fraction``
+    held out (at least 1). One run of 20 was 14 of a 15-line file held out, leaving 36 tokens to train on."""
+    return max(1, min(block, int(n * val_fraction)))
+
+
 def split_indices(n: int, val_fraction: float, seed: int, lang: str, block: int = 1) -> list[int]:
-    """Sorted indices of the held-out lines among ``n``: a seeded random ``val_fraction`` of the runs of ``block``
-    consecutive lines (the last run may be shorter), at least one run and never all of them (when n ≥ 2)."""
+    """Sorted indices of the held-out lines among ``n``: a seeded random ``val_fraction`` of the runs of
+    ``split_block`` consecutive lines (the last run may be shorter), at least one run and never all of them
+    (when n ≥ 2)."""
     import numpy as np
 
     from sokhan.tokenization.langid import LANGUAGES
 
     if n < 2:
         return []
-    block = min(block, n - 1)  # two runs at least, so both splits get lines
+    block = min(split_block(n, val_fraction, block), n - 1)  # two runs at least, so both splits get lines
     runs = -(-n // block)
     k = min(runs - 1, max(1, round(runs * val_fraction)))
     rng = np.random.default_rng([seed, LANGUAGES.index(lang)])
@@ -243,6 +250,10 @@ def run(ctx) -> dict:
             continue
         lines = path.read_text(encoding="utf-8").split("\n")[:-1]
         val = set(split_indices(len(lines), cfg.val_fraction, cfg.seed, lang, cfg.val_block))
+        if split_block(len(lines), cfg.val_fraction, cfg.val_block) < cfg.val_block:
+            log(f"tokenize: {lang} has {len(lines)} lines: held out in runs of "
+                f"{split_block(len(lines), cfg.val_fraction, cfg.val_block)}, not tokenize.val_block = {cfg.val_block} "
+                f"(a run may not exceed the {cfg.val_fraction:.0%} held out)")
         pieces = segment_lines(lines, lang, seg, workers)
         data[lang] = {
             "train": [i for i in range(len(lines)) if i not in val],
