@@ -27,8 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import sys
+
     from sokhan import SokhanError
     from sokhan.export.runtime import Decoder
+    from sokhan.tokenization import detect_language
 
     text = args.prompt if args.command == "generate" else args.text
     try:
@@ -37,12 +40,24 @@ def main(args: argparse.Namespace) -> int:
         what = "--prompt" if args.command == "generate" else "the text"
         raise SokhanError(f"{what} is not valid UTF-8 (at character {e.start + 1}); check the terminal's encoding") from None
     decoder = Decoder(args.bundle, provider=args.provider, graph=args.graph)
+    detected = detect_language(text)
+    if args.lang and detected and detected != args.lang:  # read as another language: tag and segmenter both wrong
+        script = {"fa": "Arabic (Persian)", "zh": "Han (Chinese)", "en": "Latin"}[detected]
+        print(f"sokhan: --lang {args.lang}, but the text is mostly in {script} script; it is read as {args.lang} "
+              "all the same", file=sys.stderr)
     if args.command == "generate":
+        if args.temperature == 0 and (args.top_k is not None or args.seed is not None):
+            print("sokhan: --top-k and --seed shape sampling; at --temperature 0 (the default) decoding is greedy",
+                  file=sys.stderr)
         text = decoder.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, seed=args.seed, lang=args.lang)
         # The continuation follows the prompt as the model read it (normalized: ي → ی, spaces squeezed), not as typed.
         print(decoder.tokenizer.normalize(args.prompt, decoder.language(args.prompt, args.lang)) + text)
     else:
-        for word, prob in decoder.next_words(args.text, k=args.k, lang=args.lang):
+        found = decoder.next_words(args.text, k=args.k, lang=args.lang)
+        for word, prob in found:
             print(f"{prob:.4f}\t{word}")
+        if len(found) < args.k:
+            print(f"sokhan: {len(found)} of {args.k} words found: the search keeps continuations above probability "
+                  "1e-6 within its beam", file=sys.stderr)
     return 0

@@ -203,7 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     d = SynthConfig()
     parser.add_argument("--task", choices=(*TASKS, "all"), default="all", help="which task (default: both)")
     parser.add_argument("--arch", default=",".join(ARCHS), help=f"comma-separated subset of {', '.join(ARCHS)}")
-    parser.add_argument("--out", type=Path, default=Path("runs/synth"), help="folder for synth.json and synth.md")
+    parser.add_argument("--out", type=Path, default=Path("runs/synth"), help="folder for synth.json and synth.md, replaced by each run (default: runs/synth)")
     parser.add_argument("--steps", type=int, default=d.steps, help="training steps per model and task")
     parser.add_argument("--seq-len", type=int, default=d.seq_len, help="selective copying: length of the region holding the symbols")
     parser.add_argument("--n-data", type=int, default=d.n_data, help="selective copying: symbols to copy")
@@ -246,5 +246,6 @@ def main(args: argparse.Namespace) -> int:
     write_json(args.out / "synth.json", {"config": asdict(cfg), "results": results})
     table = markdown(results, cfg)
     atomic_write(args.out / "synth.md", table)
+    log(f"synth: wrote {args.out / 'synth.json'} and {args.out / 'synth.md'}")
     print(table)
     return 0

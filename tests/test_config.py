@@ -89,6 +89,7 @@ def test_round_trip_through_dict():
         # TOML's nan and inf pass every `<` check unless refused explicitly.
         ("train.grad_clip=nan", "train.grad_clip = nan must be a finite number"),
         ("train.lr=inf", "train.lr = inf must be a finite number"),
+        ("train.lr=-1", "train.lr = -1.0 must be > 0"),  # it blamed min_lr
         ("model.dt_max=inf", "model.dt_min = 0.001 must be > 0 and ≤ model.dt_max = inf"),
         ("model.norm_eps=-1", "model.norm_eps = -1.0 must be a finite number > 0"),
         ("corpus.paths=[{lang='fa'}]", "config: corpus.paths[0]: missing key 'path'"),

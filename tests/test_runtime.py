@@ -392,6 +392,14 @@ def test_cli_generate_and_predict(bundle, capsys):
     assert main(["predict", "--bundle", str(bundle), "-k", "2", "--provider", "cpu", "i saw the"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert 1 <= len(lines) <= 2 and all(float(line.split("\t")[0]) >= 0 for line in lines)
+    # What printed nothing, or nothing different, without a word: --lang against the script, fewer words than -k,
+    # sampling flags at temperature 0.
+    assert main(["predict", "--bundle", str(bundle), "-k", "500", "--lang", "fa", "--provider", "cpu", "i saw the"]) == 0
+    err = capsys.readouterr().err
+    assert "--lang fa, but the text is mostly in Latin script" in err and "of 500 words found" in err
+    assert main(["generate", "--bundle", str(bundle), "--prompt", "i saw", "--top-k", "3", "--max-new-tokens", "2",
+                 "--provider", "cpu"]) == 0
+    assert "at --temperature 0 (the default) decoding is greedy" in capsys.readouterr().err
 
 
 def _broken(bundle: Path, tmp_path: Path, edit) -> Path:

@@ -74,6 +74,8 @@ class TrainConfig:
                 raise SokhanError(f"config: train.{key} = {getattr(self, key)} must be ≥ 1")
         if self.warmup_steps < 0:
             raise SokhanError(f"config: train.warmup_steps = {self.warmup_steps} must be ≥ 0")
+        if self.lr <= 0:
+            raise SokhanError(f"config: train.lr = {self.lr} must be > 0")
         if not 0 < self.min_lr <= self.lr:
             raise SokhanError(f"config: train.min_lr = {self.min_lr} must be > 0 and ≤ train.lr = {self.lr}")
         for key in ("weight_decay", "embedding_weight_decay", "grad_clip"):
