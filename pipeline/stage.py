@@ -222,16 +222,23 @@ def _fingerprint(name: str, mod: ModuleType, config: RunConfig, run_dir: Path) -
 
 def status(name: str, config: RunConfig, run_dir: Path) -> str:
     """``done`` (up to date), ``stale`` (inputs or config changed), ``missing`` or ``blocked`` (upstream missing)."""
-    mod = stage_module(name)
-    man = run_dir / name / MANIFEST
-    if not man.exists():
+    if not (run_dir / name / MANIFEST).exists():
         return "missing"
     try:
-        fp, _ = _fingerprint(name, mod, config, run_dir)
+        fp, _ = _fingerprint(name, stage_module(name), config, run_dir)
     except SokhanError:
         return "blocked"
+    return _state(run_dir / name / MANIFEST, fp)
+
+
+def _state(manifest: Path, fp: str | None) -> str:
+    """``status`` from a stage's manifest path and its fingerprint now (None: an upstream is missing)."""
+    if not manifest.exists():
+        return "missing"
+    if fp is None:
+        return "blocked"
     try:
-        return "done" if read_json(man).get("fingerprint") == fp else "stale"
+        return "done" if read_json(manifest).get("fingerprint") == fp else "stale"
     except SokhanError:  # a damaged manifest: run_stage redoes the stage
         return "stale"
 
@@ -248,7 +255,11 @@ def describe(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     reports_only: set[str] = set()  # stale stages that will rewrite only their reports (embed.plot_tokens)
     for name in STAGES:
-        state = status(name, config, run_dir)
+        try:  # computed once: it hashes the corpus files for normalize
+            fp, now = _fingerprint(name, stage_module(name), config, run_dir)
+        except SokhanError:
+            fp, now = None, {}
+        state = _state(run_dir / name / MANIFEST, fp)
         row: dict[str, Any] = {"stage": name, "state": state, "why": None, "finished_at": None, "wall_time_s": None}
         try:
             man = read_json(run_dir / name / MANIFEST) if state != "missing" else {}
@@ -259,15 +270,14 @@ def describe(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
         ups = [u for u in stage_module(name).UPSTREAM if u not in reports_only
                and next(r for r in rows if r["stage"] == u)["state"] in ("stale", "missing", "interrupted")]
         if state == "stale" and man:
-            _, now = _fingerprint(name, stage_module(name), config, run_dir)
-            now = {k: v for k, v in now.items() if k != "stage"}
+            current = {k: v for k, v in now.items() if k != "stage"}
             recorded = {
                 "config": {s: {k: v for k, v in values.items() if ADDED_LATER.get((s, k), unset) != v}
                            for s, values in man.get("config", {}).items()},
                 **man.get("inputs", {}),
             }
-            row["why"] = _changes(recorded, now)
-            old, new = _flat(recorded), _flat(now)
+            row["why"] = _changes(recorded, current)
+            old, new = _flat(recorded), _flat(current)
             changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
             report_keys = {f"config.{key}" for key in getattr(stage_module(name), "REPORT_KEYS", ())}
             if changed and changed <= report_keys and "reports" in man:  # (older manifests hashed the reports too)
@@ -280,10 +290,6 @@ def describe(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
         partial = run_dir / f"{name}.partial"
         step = getattr(stage_module(name), "resumable_step", lambda p: None)(partial) if partial.is_dir() else None
         if step is not None and row["state"] != "done":  # an interrupted run with checkpoints (training)
-            try:
-                fp, now = _fingerprint(name, stage_module(name), config, run_dir)
-            except SokhanError:
-                fp, now = None, {}
             stamp = partial / ".fingerprint"
             row["state"] = "interrupted" if row["state"] == "missing" else row["state"]
             if stamp.exists() and stamp.read_text().strip() == fp:
