@@ -135,3 +135,19 @@ def test_relative_corpus_paths_follow_the_config_file(tmp_path):
     cfg_file.write_text('[[corpus.paths]]\npath = "../text.txt"\nlang = "fa"\n')
     cfg = load_config(cfg_file)
     assert cfg.corpus.paths[0].path == str(tmp_path / "text.txt")
+
+
+def test_worker_counts_are_not_part_of_any_fingerprint():
+    """normalize.workers and tokenize.workers change how the work is spread, not what is written (the stages' tests
+    compare the bytes): changing them reruns nothing."""
+    from sokhan.pipeline.config import RunConfig, fingerprint_config
+    from sokhan.pipeline.stages.normalize import NormalizeConfig
+    from sokhan.pipeline.stages.tokenize import TokenizeConfig
+
+    base = fingerprint_config(RunConfig(), ("corpus", "normalize", "tokenize"))
+    other = fingerprint_config(RunConfig(normalize=NormalizeConfig(workers=3), tokenize=TokenizeConfig(workers=5)),
+                               ("corpus", "normalize", "tokenize"))
+    assert other == base
+    assert "workers" not in base["normalize"] and base["tokenize"]["workers"] == 0  # as runs made before had them
+    changed = fingerprint_config(RunConfig(normalize=NormalizeConfig(dedupe=False)), ("normalize",))
+    assert changed != fingerprint_config(RunConfig(), ("normalize",))

@@ -285,3 +285,39 @@ def test_adhoc_text_lines_end_at_newlines_only_and_may_normalize_to_nothing(tmp_
     assert main(["evaluate", "--run-dir", str(run), "--text", str(blank), "--lang", "fa"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no line has any text left after normalization" in err and len(err.splitlines()) == 1
+
+
+def test_ngram_sample_keeps_whole_lines_of_every_language():
+    """A shard of fa, zh, en lines one after the other, sampled to a tenth: whole lines only, from every language in
+    about its share; a shard under the limit is counted whole."""
+    from sokhan.pipeline.stages.evaluate import ngram_sample
+
+    rng = np.random.default_rng(0)
+    eos, tags = 1, {"fa": 3, "zh": 4, "en": 5}
+    lines, shard = [], []
+    for lang, n_lines in (("fa", 3000), ("zh", 1000), ("en", 500)):
+        for _ in range(n_lines):
+            line = [tags[lang], *rng.integers(10, 300, rng.integers(1, 30)).tolist(), eos]
+            lines.append(tuple(line))
+            shard += line
+    shard = np.array(shard, dtype=np.uint16)
+    assert np.array_equal(ngram_sample(shard, len(shard), eos), shard)
+    sample = ngram_sample(shard, len(shard) // 10, eos, stretches=64, min_stretch=32)
+    assert sample.dtype == np.int64 and len(shard) // 20 < len(sample) <= len(shard) // 10
+    ends = np.flatnonzero(sample == eos)
+    assert ends[-1] == len(sample) - 1
+    got = [tuple(x) for x in np.split(sample, ends[:-1] + 1)]
+    assert set(got) <= set(lines)  # every sampled line is a line of the shard, whole
+    share = {lang: sum(line[0] == tag for line in got) / len(got) for lang, tag in tags.items()}
+    assert share["fa"] == pytest.approx(3000 / 4500, abs=0.08) and share["en"] == pytest.approx(500 / 4500, abs=0.05)
+
+
+def test_a_large_training_shard_is_sampled_for_the_ngram(tmp_path, capsys):
+    run, config = make_run(tmp_path, "mamba")
+    config.evaluate.ngram_max_tokens = 150
+    run_stage("evaluate", config, run)
+    report = json.loads((run / "evaluate" / "report.json").read_text(encoding="utf-8"))
+    n_train = (run / "tokenize" / "train.bin").stat().st_size // 2
+    # One stretch (150 tokens are fewer than a stretch's minimum), from the shard's start to its last whole line.
+    assert 120 < report["ngram"]["counted_tokens"] <= 150 and report["ngram"]["train_tokens"] == n_train
+    assert f"on {report['ngram']['counted_tokens']:,} of the {n_train:,} tokens" in capsys.readouterr().err

@@ -171,3 +171,30 @@ def test_sample_corpus(sample_dir, tmp_path):
     assert set(stats["languages"]) == {"fa", "zh", "en"}
     assert all(stats["auto_detected"][lang] > 0 for lang in ("fa", "zh", "en"))
     assert manifest["metrics"]["lines"] == stats["lines"]
+
+
+def test_same_output_with_one_or_two_workers(sample_dir, tmp_path):
+    """The sample (auto-detected lines included) and an invalid line, in one process and in two, the second sending
+    5 lines at a time: the same files and stats; and the number of workers is not part of the fingerprint."""
+    from sokhan.pipeline.stages import normalize as normalize_stage
+
+    bad = _write(tmp_path / "bad.txt", b"good line\nbad \xff line\n" + "سلام دنیا\n".encode() * 3)
+    sources = [(sample_dir / f"{lang}.txt", lang) for lang in ("fa", "zh", "en")] + [(sample_dir / "mixed.txt", "auto"), (bad, "auto")]
+    outs, manifests = [], []
+    for workers in (1, 2):
+        cfg = load_config(_config(tmp_path, sources, normalize__workers=str(workers), corpus__errors='"replace"'))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(normalize_stage, "CHUNK", 5 if workers == 2 else 256)
+            manifests.append(run_stage("normalize", cfg, tmp_path / f"run{workers}"))
+        outs.append({p.name: p.read_bytes() for p in sorted((tmp_path / f"run{workers}" / "normalize").iterdir()) if p.name != "manifest.json"})
+    assert outs[0] == outs[1]
+    assert sorted(outs[0]) == ["en.txt", "fa.txt", "stats.json", "zh.txt"]  # nothing else left in the folder
+    stats = json.loads(outs[0]["stats.json"])
+    assert stats["files"][-1]["lines_read"] == 5 and stats["dropped"]["duplicate"] >= 2
+    assert manifests[0]["fingerprint"] == manifests[1]["fingerprint"]
+
+
+def test_workers_checked(tmp_path, capsys):
+    cfg = _config(tmp_path, [(_write(tmp_path / "en.txt", EN), "en")], normalize__workers="-1")
+    assert main(["normalize", "--run-dir", str(tmp_path / "run"), "--config", str(cfg)]) == 2
+    assert "normalize.workers = -1 must be ≥ 0" in capsys.readouterr().err

@@ -13,7 +13,10 @@ from conftest import CORPORA
 from sokhan.pipeline.config import load_config
 from sokhan.pipeline.stage import run_stage
 from sokhan import SokhanError
-from sokhan.pipeline.stages.tokenize import TokenizeConfig, shard_dtype, split_block, split_indices
+from sokhan.pipeline.stages import tokenize as tokenize_stage
+from sokhan.pipeline.stages.tokenize import (
+    TokenizeConfig, language_report, report_counts, report_from_counts, segment_stream, shard_dtype, split_block, split_indices,
+)
 from sokhan.tokenization import Tokenizer, segment
 from sokhan.tokenization.segment import words
 
@@ -30,7 +33,8 @@ def _config(tmp: Path, corpus: Path, workers: int):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same corpus slice tokenized with 1 and with 2 workers (normalized once)."""
+    """The same corpus slice tokenized with 1 and with 2 workers (normalized once); the second also encodes and
+    writes 7 lines at a time, so the streamed shards, held-out text and report are built from many batches."""
     corpora_dir = CORPORA  # corpora_dir is function-scoped; the same check, once per module
     if not (corpora_dir / "README.md").exists():
         pytest.skip(f"real corpora not found at {corpora_dir} (they sit beside the checkout in ../shared/corpora)")
@@ -48,13 +52,20 @@ def runs(tmp_path_factory):
             run_stage("normalize", cfg, run)
         else:
             shutil.copytree(tmp / "run1" / "normalize", run / "normalize")
-        run_stage("tokenize", cfg, run)
+        with pytest.MonkeyPatch.context() as mp:
+            if workers == 2:
+                mp.setattr(tokenize_stage, "ENCODE_BATCH", 7)
+            run_stage("tokenize", cfg, run)
         out[workers] = run
     return out
 
 
 def test_artefacts_follow_the_contract(runs):
     d = runs[1] / "tokenize"
+    # Nothing else: the scratch files the stage streams through are gone before the manifest hashes the folder.
+    assert sorted(str(p.relative_to(d)) for p in d.rglob("*")) == [
+        "manifest.json", "meta.json", "report.json", "segmenter.json", "tokenizer.json", "train.bin", "val",
+        "val.bin", "val/en.txt", "val/fa.txt", "val/zh.txt"]
     for name in ("tokenizer.json", "segmenter.json", "train.bin", "val.bin", "meta.json", "report.json", "manifest.json"):
         assert (d / name).is_file(), name
     meta = json.loads((d / "meta.json").read_text())
@@ -99,6 +110,42 @@ def test_shards_decode_to_the_split_lines(runs):
 def test_same_output_with_one_or_two_workers(runs):
     for name in ("tokenizer.json", "segmenter.json", "train.bin", "val.bin", "meta.json", "report.json"):
         assert (runs[1] / "tokenize" / name).read_bytes() == (runs[2] / "tokenize" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_segmentation_streams_without_reading_ahead(workers):
+    """Lines are taken as the pieces are asked for, a bounded number ahead: an endless input still yields (all of
+    it at once, as ``Pool.imap`` alone would queue it, would never return)."""
+    import itertools
+
+    from sokhan.tokenization.segment import SegmenterConfig
+
+    taken = 0
+
+    def endless():
+        nonlocal taken
+        for i in itertools.count():
+            taken += 1
+            yield f"line {i} of an endless corpus"
+
+    stream = segment_stream(endless(), "en", SegmenterConfig(), workers, chunk=4)
+    first = list(itertools.islice(stream, 10))
+    stream.close()
+    assert first[3].split("\0") == ["line", " 3", " of", " an", " endless", " corpus"]
+    assert taken <= 4 * (3 + 16 * workers)  # the 3 chunks read from, and at most 16 per worker ahead of them
+
+
+def test_report_counts_add_up_over_chunks():
+    lines = ["سلام دنیا", "", "کتاب‌ها را خواندم", "a"]
+    words_per_line = [line.split() for line in lines]
+    ids = [[5, 300, 7], [], [9, 9, 299, 12, 3], [40]]
+    fallback = np.zeros(400, dtype=bool)
+    fallback[[9, 299]] = True
+    whole = language_report(lines, words_per_line, ids, fallback)
+    parts = [report_counts(lines[i : i + 2], words_per_line[i : i + 2], ids[i : i + 2], fallback) for i in (0, 2)]
+    summed = {k: parts[0][k] + parts[1][k] for k in parts[0]}
+    assert report_from_counts(summed) == whole
+    assert whole["tokens"] == 9 and whole["byte_fallback_share"] == round(3 / 9, 6) and whole["words"] == 6
 
 
 def test_tokenizer_file_loads_in_plain_hf(runs):

@@ -242,3 +242,13 @@ def test_warmup_longer_than_the_run_is_announced(tmp_path, capsys):
     run_stage("embed", cfg, run)
     run_stage("train", cfg, run)
     assert "train.warmup_steps = 8 ≥ train.steps = 4: the learning rate is still warming up" in capsys.readouterr().err
+
+
+def test_unigram_val_loss_counts_in_chunks(monkeypatch):
+    """The add-one unigram bar, counted a chunk at a time, against the direct float64 formula."""
+    rng = np.random.default_rng(0)
+    train, val = rng.integers(0, 50, 1000).astype(np.uint16), rng.integers(0, 60, 300).astype(np.uint16)
+    counts = np.bincount(train.astype(np.int64), minlength=64) + 1.0
+    want = -np.log(counts / counts.sum())[val.astype(np.int64)].mean()
+    monkeypatch.setattr(loop, "_COUNT_CHUNK", 7)  # many chunks, the last one short
+    assert loop.unigram_val_loss(train, val, 64) == pytest.approx(want, rel=1e-12)

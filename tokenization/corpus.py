@@ -30,35 +30,27 @@ def source_files(path: str | Path) -> list[Path]:
 
 
 def read_lines(path: Path, errors: Errors = "strict") -> Iterator[tuple[int, str | None]]:
-    """``(line_number, text)`` for every line of ``path`` (1-based); ``text`` is None for a line skipped as invalid."""
-    data = Path(path).read_bytes()
-    nul = data.find(b"\0")
-    if nul >= 0:
-        line = data.count(b"\n", 0, nul) + 1
-        raise SokhanError(f"{path}:{line}: binary file (NUL byte at offset {nul}); corpus files must be UTF-8 text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        yield from _read_invalid(path, data, errors)
-        return
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the file's final newline ends the last line; it does not start another
-    yield from enumerate(lines, 1)
+    """``(line_number, text)`` for every line of ``path`` (1-based); ``text`` is None for a line skipped as invalid.
 
-
-def _read_invalid(path: Path, data: bytes, errors: Errors) -> Iterator[tuple[int, str | None]]:
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    for i, raw in enumerate(lines, 1):
-        try:
-            yield i, raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if errors == "strict":
-                raise SokhanError(
-                    f"{path}:{i}: invalid UTF-8 (byte 0x{raw[e.start]:02x}, character {len(raw[: e.start].decode('utf-8', 'replace')) + 1} "
-                    f"of the line); "
-                    'fix the file or set corpus.errors = "replace" or "skip"'
-                ) from None
-            yield i, raw.decode("utf-8", errors="replace") if errors == "replace" else None
+    The file is read line by line, so memory does not grow with its size. A binary file is found at its first NUL
+    byte: the lines before it have been yielded by then, and the caller's stage fails without publishing them.
+    """
+    offset = 0
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):  # binary files split on b"\n" only, as the text is split everywhere else
+            nul = raw.find(b"\0")
+            if nul >= 0:
+                raise SokhanError(f"{path}:{i}: binary file (NUL byte at offset {offset + nul}); corpus files must be UTF-8 text")
+            offset += len(raw)
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]  # the newline ends the line; a final one does not start another
+            try:
+                yield i, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if errors == "strict":
+                    raise SokhanError(
+                        f"{path}:{i}: invalid UTF-8 (byte 0x{raw[e.start]:02x}, character "
+                        f"{len(raw[: e.start].decode('utf-8', 'replace')) + 1} of the line); "
+                        'fix the file or set corpus.errors = "replace" or "skip"'
+                    ) from None
+                yield i, raw.decode("utf-8", errors="replace") if errors == "replace" else None

@@ -38,6 +38,10 @@ class EvaluateConfig:
 
     ngram_order: int = 5
     """Order of the Kneser-Ney baseline (1 = discounted unigram)."""
+    ngram_max_tokens: int = 20_000_000
+    """Training tokens the baseline counts at most: counting takes ~100 bytes of memory per token. A larger
+    training shard is sampled in whole lines, from 256 stretches spread evenly over it (every language in its
+    share); the log and the report say so."""
     window: int | None = None
     """Tokens the model sees per scoring window; None = the training sequence length."""
     stride: int = 128
@@ -59,7 +63,7 @@ class EvaluateConfig:
     ``auto``: CUDA when there is a GPU."""
 
     def __post_init__(self) -> None:
-        for key in ("ngram_order", "stride", "max_tokens", "batch_size", "nextword_beam", "onnx_tokens"):
+        for key in ("ngram_order", "ngram_max_tokens", "stride", "max_tokens", "batch_size", "nextword_beam", "onnx_tokens"):
             if getattr(self, key) < 1:
                 raise SokhanError(f"config: evaluate.{key} = {getattr(self, key)} must be ≥ 1")
         if self.nextword_words < 0:
@@ -190,13 +194,43 @@ def _held_out(tok_dir: Path) -> dict[str, list[str]]:
 
 
 def _train_tokens(tok_dir: Path, meta: dict[str, Any]):
+    """The training shard as a read-only memmap (its ids are read where they are used)."""
     import numpy as np
 
     path = tok_dir / "train.bin"
     try:
-        return np.fromfile(path, dtype=np.dtype(meta["dtype"])).astype(np.int64)
+        return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
     except FileNotFoundError:
         raise SokhanError(f"{path}: no such file (rerun `sokhan tokenize`)") from None
+    except ValueError:  # an empty file cannot be mapped
+        raise SokhanError(f"{path}: empty (rerun `sokhan tokenize --force`)") from None
+
+
+def ngram_sample(tokens, limit: int, eos_id: int, stretches: int = 256, min_stretch: int = 1024):
+    """``tokens`` as int64 when there are at most ``limit``; else whole lines from ``stretches`` stretches spread
+    evenly over them (fewer where ``limit`` would make them shorter than ``min_stretch``), about ``limit`` tokens
+    in all. The shard holds its languages one after the other, so its first
+    ``limit`` tokens could all be Persian; evenly spread stretches keep every language's share. Each stretch is cut
+    after an ``<|eos|>`` at both ends, so the sample is whole lines end to end, as the shard is (no n-gram spans a
+    cut that the shard does not have)."""
+    import numpy as np
+
+    n = len(tokens)
+    if n <= limit:
+        return np.asarray(tokens, dtype=np.int64)
+    stretches = max(1, min(stretches, limit // min_stretch))
+    size = limit // stretches
+    parts = []
+    for start in np.linspace(0, n - size, stretches).astype(np.int64):
+        window = np.asarray(tokens[start : start + size], dtype=np.int64)
+        ends = np.flatnonzero(window == eos_id)
+        if start == 0 and ends.size:
+            parts.append(window[: ends[-1] + 1])
+        elif ends.size >= 2:
+            parts.append(window[ends[0] + 1 : ends[-1] + 1])
+    if not parts:  # no stretch holds a whole line: lines longer than a stretch; take the shard's start
+        return np.asarray(tokens[:limit], dtype=np.int64)
+    return np.concatenate(parts)
 
 
 def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[str, list[str]] | None = None,
@@ -248,8 +282,16 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
             log(f"evaluate: no {', '.join(emptied)} line has any text left after normalization; left out")
             texts = {lang: lines for lang, lines in texts.items() if lines}
 
-    log(f"evaluate: counting the {cfg.ngram_order}-gram baseline on {tok_dir / 'train.bin'}")
-    ngram = KneserNey(cfg.ngram_order, int(meta["vocab_size"])).fit(_train_tokens(tok_dir, meta))
+    shard = _train_tokens(tok_dir, meta)
+    counted = ngram_sample(shard, cfg.ngram_max_tokens, int(meta["special_tokens"]["<|eos|>"]))
+    if len(counted) < len(shard):
+        log(f"evaluate: counting the {cfg.ngram_order}-gram baseline on {len(counted):,} of the {len(shard):,} tokens of "
+            f"{tok_dir / 'train.bin'}, whole lines from stretches spread evenly over it (evaluate.ngram_max_tokens)")
+    else:
+        log(f"evaluate: counting the {cfg.ngram_order}-gram baseline on {tok_dir / 'train.bin'}")
+    ngram = KneserNey(cfg.ngram_order, int(meta["vocab_size"])).fit(counted)
+    ngram_counted, ngram_of = len(counted), len(shard)
+    del counted, shard
 
     def forward(ids):
         return model(ids.to(device))
@@ -310,7 +352,8 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
     return {
         "model": {"arch": mcfg.arch, "preset": mcfg.preset, "selective": mcfg.selective if mcfg.arch == "mamba" else None,
                   "parameters": sum(p.numel() for p in model.parameters()), "train_dir": str(train_dir)},
-        "ngram": ngram.stats(),
+        "ngram": ngram.stats() | ({"counted_tokens": int(ngram_counted), "train_tokens": int(ngram_of)}
+                                  if ngram_counted < ngram_of else {}),
         "settings": {
             "source": source,
             "window": window,

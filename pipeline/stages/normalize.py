@@ -5,6 +5,9 @@ Each line of each source is decoded (``corpus.errors``), given its language (the
 empty or, with ``normalize.dedupe``, an exact duplicate of an earlier line of the same language. ``stats.json``
 counts lines and characters per language, dropped lines by reason and what ``auto`` detected.
 
+Lines are read, normalized in ``normalize.workers`` processes (chunks of ``CHUNK`` lines, results in order) and
+written as they come, so memory does not grow with the corpus; the output is the same for any number of workers.
+
 A problem with the corpus stops the stage with one line naming it: a missing path, a binary file, invalid UTF-8
 (strict policy), a source tagged with a language that yields no lines, or a corpus with no lines at all.
 """
@@ -50,6 +53,12 @@ class NormalizeConfig:
     """Persian: drop harakat (fatha, kasra, …), which the corpora use inconsistently."""
     dedupe: bool = True
     """Drop exact duplicate lines (after normalization), counted in stats."""
+    workers: int = 0
+    """Normalization processes; 0 = one per CPU core. The output is the same for any number."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise SokhanError(f"config: normalize.workers = {self.workers} must be ≥ 0 (0 = one per CPU core)")
 
 
 def inputs(config) -> list[Path]:
@@ -61,48 +70,96 @@ def inputs(config) -> list[Path]:
     return [f for src in config.corpus.paths for f in source_files(src.path)]
 
 
+CHUNK = 256  # lines sent to a worker at a time
+
+
+def _normalize_chunk(job: tuple[str, list[str | None], dict]) -> list[tuple[str | None, str | None, bool]]:
+    """``(language, normalized line, detected)`` for each raw line of one source: ``line`` is None for a line that
+    could not be read (None), ``language`` None where ``auto`` found none; ``detected``: ``auto`` looked at it (a
+    line that is not blank)."""
+    from sokhan.tokenization.langid import detect_language
+    from sokhan.tokenization.normalize import normalize
+
+    tag, lines, opts = job
+    out: list[tuple[str | None, str | None, bool]] = []
+    for raw in lines:
+        if raw is None:
+            out.append((None, None, False))
+        elif tag == "auto" and raw.strip():
+            lang = detect_language(raw)
+            out.append((lang, normalize(raw, lang, **opts) if lang is not None else "", True))
+        else:
+            out.append((tag, normalize(raw, tag, **opts), False))
+    return out
+
+
 def run(ctx) -> dict:
-    from sokhan.pipeline.stage import atomic_write, log, progress, write_json
+    import hashlib
+    import os
+
+    from sokhan.pipeline.parallel import batched, ordered_map
+    from sokhan.pipeline.stage import log, progress, write_json
     from sokhan.tokenization.corpus import read_lines, source_files
-    from sokhan.tokenization.langid import LANGUAGES, detect_language
+    from sokhan.tokenization.langid import LANGUAGES
     from sokhan.tokenization.normalize import normalize
 
     corpus, opts = ctx.config.corpus, ctx.config.normalize
-    kept: dict[str, list[str]] = {lang: [] for lang in LANGUAGES}
-    seen: dict[str, set[str]] = {lang: set() for lang in LANGUAGES}
+    workers = opts.workers or os.cpu_count() or 1
+    options = {"digits": opts.digits, "remove_diacritics": opts.remove_diacritics}
+    if workers > 1:  # hazm loads its data on first use: once here, shared by the forked workers
+        for lang in {lang for src in corpus.paths for lang in ((src.lang,) if src.lang != "auto" else LANGUAGES)}:
+            normalize("ا", lang, **options)
+    # Lines go to disk as they come, so memory does not grow with the corpus: the deduplication keeps a 16-byte
+    # digest per line kept, not the line (a collision of BLAKE2b-128 digests is beyond any corpus's reach).
+    outputs = {lang: ctx.out / f".{lang}.txt.partial" for lang in LANGUAGES}
+    files_out = {lang: open(path, "w", encoding="utf-8", newline="\n") for lang, path in outputs.items()}
+    seen: dict[str, set[bytes]] = {lang: set() for lang in LANGUAGES}
+    lines_kept = {lang: 0 for lang in LANGUAGES}
+    chars_kept = {lang: 0 for lang in LANGUAGES}
     dropped = {"empty": 0, "duplicate": 0, "invalid_utf8": 0, "no_language": 0}
     detected = {lang: 0 for lang in LANGUAGES} | {"none": 0}
     files = []
     per_source = []  # lines kept from each source
-    for src in corpus.paths:
-        src_lines = 0
-        for path in source_files(src.path):
-            read = 0
-            for _, raw in progress(read_lines(path, corpus.errors), desc=f"normalize {path.name}", unit=" lines"):
-                read += 1
-                if raw is None:
-                    dropped["invalid_utf8"] += 1
-                    continue
-                lang = src.lang
-                if lang == "auto" and raw.strip():
-                    lang = detect_language(raw)
-                    detected[lang or "none"] += 1
-                    if lang is None:
-                        dropped["no_language"] += 1
-                        continue
-                line = normalize(raw, lang, digits=opts.digits, remove_diacritics=opts.remove_diacritics)
-                if not line:
-                    dropped["empty"] += 1
-                elif opts.dedupe and line in seen[lang]:
-                    dropped["duplicate"] += 1
-                else:
-                    seen[lang].add(line)
-                    kept[lang].append(line)
-                    src_lines += 1
-            files.append({"path": str(path), "lang": src.lang, "lines_read": read})
-        per_source.append(src_lines)
+    try:
+        for src in corpus.paths:
+            src_lines = 0
+            for path in source_files(src.path):
+                read = 0
+                raw_lines = (raw for _, raw in read_lines(path, corpus.errors))
+                jobs = ((src.lang, chunk, options) for chunk in batched(raw_lines, CHUNK))
+                with progress(desc=f"normalize {path.name}", unit=" lines") as bar:
+                    for results in ordered_map(_normalize_chunk, jobs, workers):
+                        bar.update(len(results))
+                        for lang, line, was_detected in results:
+                            read += 1
+                            if line is None:
+                                dropped["invalid_utf8"] += 1
+                                continue
+                            if was_detected:
+                                detected[lang or "none"] += 1
+                            if lang is None:
+                                dropped["no_language"] += 1
+                                continue
+                            if not line:
+                                dropped["empty"] += 1
+                                continue
+                            if opts.dedupe:
+                                digest = hashlib.blake2b(line.encode("utf-8"), digest_size=16).digest()
+                                if digest in seen[lang]:
+                                    dropped["duplicate"] += 1
+                                    continue
+                                seen[lang].add(digest)
+                            files_out[lang].write(line + "\n")
+                            lines_kept[lang] += 1
+                            chars_kept[lang] += len(line)
+                            src_lines += 1
+                files.append({"path": str(path), "lang": src.lang, "lines_read": read})
+            per_source.append(src_lines)
+    finally:
+        for f in files_out.values():
+            f.close()
 
-    total_lines = sum(len(v) for v in kept.values())
+    total_lines = sum(lines_kept.values())
     if total_lines == 0:
         raise SokhanError(f"corpus: empty, no non-empty lines in {', '.join(str(s.path) for s in corpus.paths)}")
     for i, (src, n) in enumerate(zip(corpus.paths, per_source)):
@@ -112,18 +169,18 @@ def run(ctx) -> dict:
                 f"corpus.paths[{i}] ({src.path}, {what}): no lines left after normalization and "
                 "deduplication; check the file and its language tag"
             )
-    total_chars = sum(len(line) for v in kept.values() for line in v)
+    total_chars = sum(chars_kept.values())
     languages = {}
-    for lang, lines in kept.items():
-        if not lines:
+    for lang in LANGUAGES:
+        if not lines_kept[lang]:
+            outputs[lang].unlink()
             continue
-        atomic_write(ctx.out / f"{lang}.txt", "\n".join(lines) + "\n")
-        chars = sum(len(line) for line in lines)
+        os.replace(outputs[lang], ctx.out / f"{lang}.txt")
         languages[lang] = {
-            "lines": len(lines),
-            "chars": chars,
-            "share_lines": round(len(lines) / total_lines, 6),
-            "share_chars": round(chars / total_chars, 6),
+            "lines": lines_kept[lang],
+            "chars": chars_kept[lang],
+            "share_lines": round(lines_kept[lang] / total_lines, 6),
+            "share_chars": round(chars_kept[lang] / total_chars, 6),
         }
     stats = {
         "lines": total_lines,

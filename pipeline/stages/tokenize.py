@@ -4,13 +4,17 @@
    ``val_block`` consecutive lines, is held out (``val/<lang>.txt``, in corpus order); the rest is the training split.
 2. Pre-tokenize every line (hazm words for Persian, word-character runs or jieba words for Chinese, Latin rules:
    ``sokhan.tokenization.segment.pretokenize``) in ``workers`` processes: the slow, pure-Python part. Results come
-   back in input order, so the output does not depend on ``workers``.
+   back in input order, so the output does not depend on ``workers``; they are written to scratch files, a line
+   per line, which steps 3 and 4 read back.
 3. Train the subword model on the training split's pieces only (the report measures unseen text), each
    language's lines repeated ``lang_weights`` times (``weighted_lines``): one vocabulary is shared by all
    languages, and without weights the largest corpus takes most of it.
 4. Encode with the trained model (``Tokenizer.encode_pieces``: each distinct piece once through HF's Rust encoder,
    then a lookup per piece) and write the shards: every line becomes ``<|lang:xx|>`` + ids + ``<|eos|>``; lines
    are concatenated per split, languages in the order fa, zh, en. Same bytes for any ``workers`` (a test checks).
+
+Every step streams, a chunk of lines at a time, so memory holds the vocabulary's statistics, not the corpus
+(``benchmarks/stage_memory.py``).
 5. ``report.json``: on the validation split, per language, characters per token, tokens per word (words of
    ``segment``: jieba's for Chinese whatever the pre-tokenization), UTF-8 bytes per token (> 1 means better than
    raw bytes) and the share of byte-fallback tokens (tokens that are not whole characters: a piece of a UTF-8
@@ -19,23 +23,24 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
 
 from sokhan import SokhanError
 
 SECTIONS = ("normalize", "tokenize")  # normalize's options are stored in segmenter.json and used by encode()
 UPSTREAM = ("normalize",)
 MAX_LANG_WEIGHT = 16.0  # a weight repeats lines: training time and memory grow with it
+ENCODE_BATCH = 4096  # lines encoded and written at a time
 _SEP = "\0"  # joins a line's pieces for the trip between processes; normalized text holds no control characters
 
 
 def read_meta(tok_dir) -> dict:
     """``RUN/tokenize/meta.json`` with the fields later stages read checked, so that a damaged or hand-edited file
     is named in one line rather than failing as a ``KeyError`` deep inside a stage."""
-    from pathlib import Path
-
     from sokhan.pipeline.stage import read_json
 
     path = Path(tok_dir) / "meta.json"
@@ -108,7 +113,7 @@ class TokenizeConfig:
             raise SokhanError(f"config: tokenize.workers = {self.workers} must be ≥ 0 (0 = one per CPU core)")
 
 
-def weighted_lines(lines: list, weight: float) -> Iterator:
+def weighted_lines(lines: Iterable, weight: float) -> Iterator:
     """``lines`` with line ``i`` given ``floor((i + 1) w) - floor(i w)`` times: ``weight`` copies of the whole on
     average, spread evenly (2.5: 2, 3, 2, 3, ...; 0.5: every other line), the same every run."""
     done = 0
@@ -157,23 +162,58 @@ def _segment_chunk(job: tuple[str, list[str], dict]) -> list[str]:
     return [_SEP.join(pretokenize(line, lang, cfg)) for line in lines]
 
 
-def segment_lines(lines: list[str], lang: str, seg, workers: int, chunk: int = 256) -> list[list[str]]:
-    """``pretokenize`` pieces of every line, in ``workers`` processes (in order; the same for any ``workers``)."""
+def segment_stream(lines: Iterable[str], lang: str, seg, workers: int, chunk: int = 256,
+                   total: int | None = None) -> Iterator[str]:
+    """``pretokenize`` pieces of every line, joined by ``_SEP``, in order, in ``workers`` processes (the same for any
+    ``workers``), a bounded number of chunks of ``chunk`` lines in flight (``ordered_map``), so memory does not grow
+    with the corpus. ``total``: the number of lines, for the progress bar."""
+    from sokhan.pipeline.parallel import batched, ordered_map
     from sokhan.pipeline.stage import progress
     from sokhan.tokenization.segment import preload
 
-    jobs = [(lang, lines[i : i + chunk], seg.to_dict()) for i in range(0, len(lines), chunk)]
-    if workers <= 1 or len(jobs) <= 1:
-        joined = [s for job in progress(jobs, desc=f"segment {lang}") for s in _segment_chunk(job)]
-    else:
-        import multiprocessing as mp
+    if workers > 1:
+        preload(lang)  # loaded once here; forked workers share the dictionaries instead of loading their own
+    jobs = ((lang, part, seg.to_dict()) for part in batched(lines, chunk))
+    with progress(total=None if total is None else -(-total // chunk), desc=f"segment {lang}") as bar:
+        for part in ordered_map(_segment_chunk, jobs, workers):
+            yield from part
+            bar.update()
 
-        # Load the dictionaries once here; forked workers share them instead of loading their own.
-        preload(lang)
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with mp.get_context(method).Pool(workers) as pool:
-            joined = [s for part in progress(pool.imap(_segment_chunk, jobs), total=len(jobs), desc=f"segment {lang}") for s in part]
-    return [s.split(_SEP) if s else [] for s in joined]
+
+def segment_lines(lines: list[str], lang: str, seg, workers: int, chunk: int = 256) -> list[list[str]]:
+    """``pretokenize`` pieces of every line (``segment_stream``, as lists)."""
+    return [s.split(_SEP) if s else [] for s in segment_stream(lines, lang, seg, workers, chunk, total=len(lines))]
+
+
+def _pieces(joined: str) -> list[str]:
+    return joined.split(_SEP) if joined else []
+
+
+def _read_lines(path) -> Iterator[str]:
+    """The lines of a file the stage wrote (normalized text, joined pieces), one at a time."""
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for line in f:
+            yield line[:-1]
+
+
+def _count_lines(path) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            n += block.count(b"\n")
+    return n
+
+
+def _encoded(tok, lang: str, joined: Iterable[str], dtype) -> Iterator[tuple[list[list[str]], list[list[int]], "np.ndarray"]]:
+    """For each ``ENCODE_BATCH`` lines of ``_SEP``-joined pieces: the pieces, their ids, and the lines framed for the
+    shard (``_frame``)."""
+    from sokhan.pipeline.parallel import batched
+    from sokhan.pipeline.stage import progress
+
+    for batch in progress(batched(joined, ENCODE_BATCH), desc=f"encode {lang}"):
+        pieces = [_pieces(j) for j in batch]
+        ids = tok.encode_pieces(pieces)
+        yield pieces, ids, _frame(ids, tok.lang_id(lang), tok.eos_id, dtype)
 
 
 def _frame(ids: list[list[int]], lang_id: int, eos_id: int, dtype):
@@ -201,8 +241,8 @@ def _fallback_table(tok) -> "np.ndarray":
     return table
 
 
-def language_report(lines: list[str], words_per_line: list[list[str]], ids: list[list[int]], fallback) -> dict:
-    """Compression figures of one language's validation split (specials not counted as tokens).
+def report_counts(lines: list[str], words_per_line: list[list[str]], ids: list[list[int]], fallback) -> dict[str, int]:
+    """What ``language_report`` divides, for some lines of one language: chunks' counts add up to the whole's.
 
     ``words_per_line``: each line's ``segment`` words (the unit of tokens per word).
     """
@@ -210,30 +250,47 @@ def language_report(lines: list[str], words_per_line: list[list[str]], ids: list
 
     from sokhan.tokenization.segment import words
 
-    chars = sum(len(line) for line in lines)
-    nbytes = sum(len(line.encode("utf-8")) for line in lines)
-    n_words = sum(words(p) for p in words_per_line)
     flat = np.fromiter((t for line in ids for t in line), dtype=np.int64)
-    tokens = int(flat.size)
     return {
         "lines": len(lines),
-        "chars": chars,
-        "bytes": nbytes,
+        "chars": sum(len(line) for line in lines),
+        "bytes": sum(len(line.encode("utf-8")) for line in lines),
+        "words": sum(words(p) for p in words_per_line),
+        "tokens": int(flat.size),
+        "fallback": int(fallback[flat].sum()),
+    }
+
+
+def report_from_counts(c: dict[str, int]) -> dict:
+    """Compression figures of one language's validation split (specials not counted as tokens)."""
+    tokens, n_words = c["tokens"], c["words"]
+    return {
+        "lines": c["lines"],
+        "chars": c["chars"],
+        "bytes": c["bytes"],
         "words": n_words,
         "tokens": tokens,
-        "chars_per_token": round(chars / tokens, 4) if tokens else None,
+        "chars_per_token": round(c["chars"] / tokens, 4) if tokens else None,
         "tokens_per_word": round(tokens / n_words, 4) if n_words else None,
-        "bytes_per_token": round(nbytes / tokens, 4) if tokens else None,
-        "byte_fallback_share": round(float(fallback[flat].mean()), 6) if tokens else None,
+        "bytes_per_token": round(c["bytes"] / tokens, 4) if tokens else None,
+        "byte_fallback_share": round(c["fallback"] / tokens, 6) if tokens else None,
     }
+
+
+def language_report(lines: list[str], words_per_line: list[list[str]], ids: list[list[int]], fallback) -> dict:
+    """``report_from_counts`` of all of ``lines`` at once."""
+    return report_from_counts(report_counts(lines, words_per_line, ids, fallback))
 
 
 def run(ctx) -> dict:
     import os
+    import tempfile
 
     import numpy as np
 
-    from sokhan.pipeline.stage import atomic_write, log, write_json
+    from collections import Counter
+
+    from sokhan.pipeline.stage import log, write_json
     from sokhan.tokenization.langid import LANGUAGES
     from sokhan.tokenization.segment import SegmenterConfig, segment
     from sokhan.tokenization.tokenizer import Tokenizer
@@ -242,66 +299,70 @@ def run(ctx) -> dict:
     src = ctx.upstream("normalize")
     workers = cfg.workers or os.cpu_count() or 1
     seg = SegmenterConfig(zh_hmm=cfg.zh_hmm, zh_pretokenize=cfg.zh_pretokenize)
-
-    data: dict[str, dict] = {}
-    for lang in LANGUAGES:
-        path = src / f"{lang}.txt"
-        if not path.exists():
-            continue
-        lines = path.read_text(encoding="utf-8").split("\n")[:-1]
-        val = set(split_indices(len(lines), cfg.val_fraction, cfg.seed, lang, cfg.val_block))
-        if split_block(len(lines), cfg.val_fraction, cfg.val_block) < cfg.val_block:
-            log(f"tokenize: {lang} has {len(lines)} lines: held out in runs of "
-                f"{split_block(len(lines), cfg.val_fraction, cfg.val_block)}, not tokenize.val_block = {cfg.val_block} "
-                f"(a run may not exceed the {cfg.val_fraction:.0%} held out)")
-        pieces = segment_lines(lines, lang, seg, workers)
-        data[lang] = {
-            "train": [i for i in range(len(lines)) if i not in val],
-            "val": sorted(val),
-            "lines": lines,
-            "pieces": pieces,
-        }
-    if not data:
+    langs = [lang for lang in LANGUAGES if (src / f"{lang}.txt").exists()]
+    if not langs:
         raise SokhanError(f"{src}: no <lang>.txt files; rerun `sokhan normalize --force --run-dir {ctx.run_dir}`")
 
-    def training_pieces():
-        for lang, d in data.items():
-            yield from weighted_lines([d["pieces"][i] for i in d["train"]], cfg.lang_weights.get(lang, 1.0))
+    # Every pass reads from disk and writes as it goes, so memory holds the vocabulary's statistics and one chunk of
+    # lines, not the corpus: each language's pieces are written once to scratch files (``_SEP``-joined, a line per
+    # line, the training split and the held-out one apart) and read back to train the model and to encode.
+    with tempfile.TemporaryDirectory(dir=ctx.out, prefix=".scratch") as tmp:
+        scratch = Path(tmp)
+        held_out: dict[str, np.ndarray] = {}  # per language: line i is held out
+        for lang in langs:
+            n = _count_lines(src / f"{lang}.txt")
+            held_out[lang] = np.zeros(n, dtype=bool)
+            held_out[lang][split_indices(n, cfg.val_fraction, cfg.seed, lang, cfg.val_block)] = True
+            if split_block(n, cfg.val_fraction, cfg.val_block) < cfg.val_block:
+                log(f"tokenize: {lang} has {n} lines: held out in runs of "
+                    f"{split_block(n, cfg.val_fraction, cfg.val_block)}, not tokenize.val_block = {cfg.val_block} "
+                    f"(a run may not exceed the {cfg.val_fraction:.0%} held out)")
+            with open(scratch / f"{lang}.train", "w", encoding="utf-8") as tr, open(scratch / f"{lang}.val", "w", encoding="utf-8") as va:
+                pieces = segment_stream(_read_lines(src / f"{lang}.txt"), lang, seg, workers, total=n)
+                for val, joined in zip(held_out[lang], pieces):
+                    (va if val else tr).write(joined + "\n")
 
-    weights = ", ".join(f"{lang} {cfg.lang_weights.get(lang, 1.0):g}" for lang in data)
-    log(f"tokenize: training {cfg.model} with vocabulary {cfg.vocab_size} (language weights {weights})")
-    tok = Tokenizer.train(
-        training_pieces(), cfg.vocab_size, model=cfg.model, min_frequency=cfg.min_frequency,
-        normalization={"digits": norm.digits, "remove_diacritics": norm.remove_diacritics}, segmenter=seg,
-        length=sum(math.floor(len(d["train"]) * cfg.lang_weights.get(lang, 1.0)) for lang, d in data.items()),
-    )
-    tok.save(ctx.out)
-    if tok.vocab_size < cfg.vocab_size:  # BPE stops when no pair occurs min_frequency times: a small corpus
-        log(f"tokenize: the corpus gave {tok.vocab_size} tokens, fewer than tokenize.vocab_size = {cfg.vocab_size}; "
-            "the model is sized for the smaller vocabulary (add text, or lower tokenize.vocab_size or min_frequency)")
+        def training_pieces():
+            for lang in langs:
+                yield from weighted_lines(map(_pieces, _read_lines(scratch / f"{lang}.train")), cfg.lang_weights.get(lang, 1.0))
 
-    dtype = shard_dtype(tok.vocab_size)
-    fallback = _fallback_table(tok)
-    counts: dict[str, dict[str, int]] = {"train": {}, "val": {}}
-    shards: dict[str, list] = {"train": [], "val": []}
-    report: dict[str, dict] = {}
-    (ctx.out / "val").mkdir()
-    for lang, d in data.items():
-        for split in ("train", "val"):
-            idx = d[split]
-            ids = tok.encode_pieces([d["pieces"][i] for i in idx])
-            arr = _frame(ids, tok.lang_id(lang), tok.eos_id, dtype)
-            shards[split].append(arr)
-            counts[split][lang] = int(arr.size)
-            if split == "val":
-                val_lines = [d["lines"][i] for i in idx]
-                atomic_write(ctx.out / "val" / f"{lang}.txt", "".join(line + "\n" for line in val_lines))
-                val_pieces = [d["pieces"][i] for i in idx]
-                same = lang != "zh" or seg.zh_pretokenize == "jieba"  # the pieces are the words already
-                words = val_pieces if same else [segment(line, lang, seg) for line in val_lines]
-                report[lang] = language_report(val_lines, words, ids, fallback)
-    for split, parts in shards.items():
-        atomic_write(ctx.out / f"{split}.bin", np.concatenate(parts).astype(dtype, copy=False).tobytes())
+        weights = ", ".join(f"{lang} {cfg.lang_weights.get(lang, 1.0):g}" for lang in langs)
+        log(f"tokenize: training {cfg.model} with vocabulary {cfg.vocab_size} (language weights {weights})")
+        tok = Tokenizer.train(
+            training_pieces(), cfg.vocab_size, model=cfg.model, min_frequency=cfg.min_frequency,
+            normalization={"digits": norm.digits, "remove_diacritics": norm.remove_diacritics}, segmenter=seg,
+            length=sum(math.floor(int((~held_out[lang]).sum()) * cfg.lang_weights.get(lang, 1.0)) for lang in langs),
+        )
+        tok.save(ctx.out)
+        if tok.vocab_size < cfg.vocab_size:  # BPE stops when no pair occurs min_frequency times: a small corpus
+            log(f"tokenize: the corpus gave {tok.vocab_size} tokens, fewer than tokenize.vocab_size = {cfg.vocab_size}; "
+                "the model is sized for the smaller vocabulary (add text, or lower tokenize.vocab_size or min_frequency)")
+
+        dtype = shard_dtype(tok.vocab_size)
+        fallback = _fallback_table(tok)
+        counts: dict[str, dict[str, int]] = {"train": {}, "val": {}}
+        report: dict[str, dict] = {}
+        (ctx.out / "val").mkdir()
+        with open(ctx.out / "train.bin", "wb") as train_bin, open(ctx.out / "val.bin", "wb") as val_bin:
+            for lang in langs:
+                counts["train"][lang] = 0
+                for _, _, arr in _encoded(tok, lang, _read_lines(scratch / f"{lang}.train"), dtype):
+                    train_bin.write(arr.tobytes())
+                    counts["train"][lang] += int(arr.size)
+                # The held-out lines, the text beside their pieces (same order), for val/<lang>.txt and the report.
+                counts["val"][lang] = 0
+                text = (line for val, line in zip(held_out[lang], _read_lines(src / f"{lang}.txt")) if val)
+                sums: Counter = Counter()
+                with open(ctx.out / "val" / f"{lang}.txt", "w", encoding="utf-8") as val_txt:
+                    for pieces, ids, arr in _encoded(tok, lang, _read_lines(scratch / f"{lang}.val"), dtype):
+                        val_bin.write(arr.tobytes())
+                        counts["val"][lang] += int(arr.size)
+                        lines = list(itertools.islice(text, len(pieces)))
+                        val_txt.write("".join(line + "\n" for line in lines))
+                        same = lang != "zh" or seg.zh_pretokenize == "jieba"  # the pieces are the words already
+                        words = pieces if same else [segment(line, lang, seg) for line in lines]
+                        sums.update(report_counts(lines, words, ids, fallback))
+                report[lang] = report_from_counts(sums)  # a Counter: an empty split's counts read 0
 
     meta = {
         "dtype": np.dtype(dtype).name,

@@ -49,11 +49,19 @@ def resolve_device(name: str, world: ddp.World) -> torch.device:
     return device
 
 
+_COUNT_CHUNK = 1 << 24  # tokens counted at a time
+
+
 def unigram_val_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats/token) of the validation shard under the training shard's add-one unigram: the bar to beat."""
-    counts = np.bincount(np.asarray(train), minlength=vocab_size).astype(np.float64) + 1.0
+    def token_counts(shard: np.ndarray) -> np.ndarray:
+        # A chunk at a time: bincount widens its input to int64, 4× a uint16 shard, and the shards are memmaps.
+        return sum((np.bincount(shard[i : i + _COUNT_CHUNK], minlength=vocab_size) for i in range(0, len(shard), _COUNT_CHUNK)),
+                   np.zeros(vocab_size, dtype=np.int64))
+
+    counts = token_counts(train).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
-    return float(-logp[np.asarray(val)].mean())
+    return float(-(token_counts(val) @ logp) / len(val))
 
 
 @torch.no_grad()

@@ -1,0 +1,53 @@
+"""ordered_map: results in input order from worker processes, errors raised in the caller, input taken lazily."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from sokhan import SokhanError
+from sokhan.pipeline.parallel import batched, ordered_map
+
+
+def _slow_square(x: int) -> int:
+    time.sleep(0.02 if x % 3 == 0 else 0.0)  # later jobs finish first: the order must come from the caller
+    return x * x
+
+
+def _fails_at_five(x: int) -> int:
+    if x == 5:
+        raise SokhanError("job 5: bad input")
+    return x
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_results_in_input_order(workers):
+    assert list(ordered_map(_slow_square, range(40), workers, ahead=2)) == [x * x for x in range(40)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_error_in_a_job_reaches_the_caller(workers):
+    with pytest.raises(SokhanError, match="job 5: bad input"):
+        list(ordered_map(_fails_at_five, range(10), workers))
+
+
+def test_input_is_taken_a_bounded_number_ahead():
+    taken = 0
+
+    def endless():
+        nonlocal taken
+        for i in itertools.count():
+            taken += 1
+            yield i
+
+    results = ordered_map(_slow_square, endless(), 2, ahead=3)
+    assert [next(results) for _ in range(4)] == [0, 1, 4, 9]
+    results.close()  # terminates the workers
+    assert taken <= 4 + 3 * 2
+
+
+def test_batched():
+    assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(batched([], 3)) == []
