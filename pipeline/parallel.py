@@ -22,6 +22,12 @@ def batched(items: Iterable[J], size: int) -> Iterator[list[J]]:
         yield batch
 
 
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def ordered_map(fn: Callable[[J], R], jobs: Iterable[J], workers: int, ahead: int = 16) -> Iterator[R]:
     """``fn(job)`` for every job, in order: here when ``workers`` ≤ 1, else in ``workers`` processes (forked where the
     platform can, so that what the caller loaded before, such as hazm's or jieba's dictionaries, is shared), with at
@@ -34,7 +40,9 @@ def ordered_map(fn: Callable[[J], R], jobs: Iterable[J], workers: int, ahead: in
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     pending: deque = deque()
-    with mp.get_context(method).Pool(workers) as pool:  # leaving it (an error, a closed generator) terminates the workers
+    # A terminal's Ctrl-C reaches the workers too; they ignore it and the caller, interrupted, terminates them
+    # (each would otherwise print its own traceback over the one-line interruption).
+    with mp.get_context(method).Pool(workers, initializer=_ignore_sigint) as pool:  # leaving it (an error, a closed generator) terminates the workers
         for job in jobs:
             pending.append(pool.apply_async(fn, (job,)))
             if len(pending) >= ahead * workers:

@@ -51,3 +51,15 @@ def test_input_is_taken_a_bounded_number_ahead():
 def test_batched():
     assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
     assert list(batched([], 3)) == []
+
+
+def _sigint_ignored(_: int) -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_workers_leave_ctrl_c_to_the_caller():
+    """A terminal's Ctrl-C reaches every process of the group: the workers ignore it (each would print a traceback
+    of its own); the caller's KeyboardInterrupt ends the map and terminates them."""
+    assert all(ordered_map(_sigint_ignored, range(4), 2))
