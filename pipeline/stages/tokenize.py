@@ -62,7 +62,9 @@ class TokenizeConfig:
     model: Literal["pruned-bpe", "bpe", "unigram"] = "pruned-bpe"
     """Subword model over bytes, trained with HF tokenizers on the language-aware segmentation: ``pruned-bpe``
     (BPE candidates pruned to ``vocab_size``, text encoded into the fewest tokens; sokhan.tokenization.prune),
-    ``bpe`` (HF's BPE and its merges) or ``unigram`` (HF's Unigram trainer)."""
+    ``bpe`` (HF's BPE and its merges) or ``unigram`` (HF's Unigram trainer, the one not reproducible: trained
+    twice on the same text, tokenizers 0.23's Unigram trainer gives slightly different vocabularies, even on one
+    thread; the two BPE models give the same bytes every run)."""
     vocab_size: int = 8000
     min_frequency: int = 2
     """BPE: a merge must occur at least this often in the training split."""
@@ -290,7 +292,7 @@ def run(ctx) -> dict:
 
     from collections import Counter
 
-    from sokhan.pipeline.stage import log, write_json
+    from sokhan.pipeline.stage import log, progress, write_json
     from sokhan.tokenization.langid import LANGUAGES
     from sokhan.tokenization.segment import SegmenterConfig, segment
     from sokhan.tokenization.tokenizer import Tokenizer
@@ -328,10 +330,12 @@ def run(ctx) -> dict:
 
         weights = ", ".join(f"{lang} {cfg.lang_weights.get(lang, 1.0):g}" for lang in langs)
         log(f"tokenize: training {cfg.model} with vocabulary {cfg.vocab_size} (language weights {weights})")
+        length = sum(math.floor(int((~held_out[lang]).sum()) * cfg.lang_weights.get(lang, 1.0)) for lang in langs)
         tok = Tokenizer.train(
-            training_pieces(), cfg.vocab_size, model=cfg.model, min_frequency=cfg.min_frequency,
+            progress(training_pieces(), total=length, desc="tokenizer: count pieces", unit=" lines"), cfg.vocab_size,
+            model=cfg.model, min_frequency=cfg.min_frequency,
             normalization={"digits": norm.digits, "remove_diacritics": norm.remove_diacritics}, segmenter=seg,
-            length=sum(math.floor(int((~held_out[lang]).sum()) * cfg.lang_weights.get(lang, 1.0)) for lang in langs),
+            length=length,
         )
         tok.save(ctx.out)
         if tok.vocab_size < cfg.vocab_size:  # BPE stops when no pair occurs min_frequency times: a small corpus
