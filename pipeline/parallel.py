@@ -40,9 +40,9 @@ def ordered_map(fn: Callable[[J], R], jobs: Iterable[J], workers: int, ahead: in
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     pending: deque = deque()
-    # A terminal's Ctrl-C reaches the workers too; they ignore it and the caller, interrupted, terminates them
-    # (each would otherwise print its own traceback over the one-line interruption).
-    with mp.get_context(method).Pool(workers, initializer=_ignore_sigint) as pool:  # leaving it (an error, a closed generator) terminates the workers
+    # A terminal's Ctrl-C reaches the workers too; they ignore it (each would otherwise print its own traceback over
+    # the one-line interruption), and leaving the pool (an error, Ctrl-C, a closed generator) terminates them.
+    with mp.get_context(method).Pool(workers, initializer=_ignore_sigint) as pool:
         for job in jobs:
             pending.append(pool.apply_async(fn, (job,)))
             if len(pending) >= ahead * workers:

@@ -39,7 +39,7 @@ class EvaluateConfig:
     ngram_order: int = 5
     """Order of the Kneser-Ney baseline (1 = discounted unigram)."""
     ngram_max_tokens: int = 20_000_000
-    """Training tokens the baseline counts at most: counting takes ~100 bytes of memory per token. A larger
+    """Training tokens the baseline counts at most: counting takes about 90 bytes of memory per token. A larger
     training shard is sampled in whole lines, from 256 stretches spread evenly over it (every language in its
     share); the log and the report say so."""
     window: int | None = None
