@@ -3,6 +3,8 @@
 ``Pool.imap`` alone takes every job from its input at once (its feeder thread queues them all), so a corpus streamed
 from disk would be held in memory whole on its way to the workers. ``ordered_map`` keeps at most ``ahead`` jobs per
 worker submitted and not yet returned: enough to keep every worker busy, and a fixed amount whatever the corpus.
+It runs on ``concurrent.futures.ProcessPoolExecutor``, which notices a worker that dies (killed for memory, say),
+where a ``multiprocessing.Pool`` waits for its result for ever.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from typing import Callable, Iterable, Iterator, TypeVar
+
+from sokhan import SokhanError
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -31,21 +35,31 @@ def _ignore_sigint() -> None:
 def ordered_map(fn: Callable[[J], R], jobs: Iterable[J], workers: int, ahead: int = 16) -> Iterator[R]:
     """``fn(job)`` for every job, in order: here when ``workers`` ≤ 1, else in ``workers`` processes (forked where the
     platform can, so that what the caller loaded before, such as hazm's or jieba's dictionaries, is shared), with at
-    most ``ahead * workers`` jobs in flight. ``fn`` must be a module-level function (it is pickled for spawn)."""
+    most ``ahead * workers`` jobs in flight. ``fn`` must be a module-level function (it is pickled for spawn).
+    A worker that dies is a one-line SokhanError; an exception raised in ``fn`` is raised here."""
     if workers <= 1:
         for job in jobs:
             yield fn(job)
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # A terminal's Ctrl-C reaches the workers too: they ignore it (each would otherwise print its own traceback over
+    # the one-line interruption) and the caller, interrupted, shuts them down.
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_ignore_sigint)
     pending: deque = deque()
-    # A terminal's Ctrl-C reaches the workers too; they ignore it (each would otherwise print its own traceback over
-    # the one-line interruption), and leaving the pool (an error, Ctrl-C, a closed generator) terminates them.
-    with mp.get_context(method).Pool(workers, initializer=_ignore_sigint) as pool:
+    try:
         for job in jobs:
-            pending.append(pool.apply_async(fn, (job,)))
+            pending.append(pool.submit(fn, job))
             if len(pending) >= ahead * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise SokhanError(f"a worker process died before finishing its work (out of memory?); {workers} were running: "
+                          "lower the stage's workers setting, or give it more memory") from None
+    finally:
+        # Leaving early (an error, Ctrl-C, a closed generator): drop what is queued, let the running jobs end.
+        pool.shutdown(wait=True, cancel_futures=True)

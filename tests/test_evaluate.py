@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -288,28 +289,33 @@ def test_adhoc_text_lines_end_at_newlines_only_and_may_normalize_to_nothing(tmp_
 
 
 def test_ngram_sample_keeps_whole_lines_of_every_language():
-    """A shard of fa, zh, en lines one after the other, sampled to a tenth: whole lines only, from every language in
-    about its share; a shard under the limit is counted whole."""
+    """A shard of fa, zh (long lines) and en lines one after the other, sampled to a tenth: whole lines only, the
+    shard's first among them, every language in about its share of tokens; under the limit, the shard whole."""
     from sokhan.pipeline.stages.evaluate import ngram_sample
 
     rng = np.random.default_rng(0)
     eos, tags = 1, {"fa": 3, "zh": 4, "en": 5}
-    lines, shard = [], []
-    for lang, n_lines in (("fa", 3000), ("zh", 1000), ("en", 500)):
+    lines, shard, tokens_of = [], [], {}
+    for lang, n_lines, longest in (("fa", 3000, 30), ("zh", 300, 300), ("en", 500, 30)):
         for _ in range(n_lines):
-            line = [tags[lang], *rng.integers(10, 300, rng.integers(1, 30)).tolist(), eos]
+            line = [tags[lang], *rng.integers(10, 300, rng.integers(1, longest)).tolist(), eos]
             lines.append(tuple(line))
             shard += line
+        tokens_of[lang] = len(shard) - sum(tokens_of.values())
     shard = np.array(shard, dtype=np.uint16)
     assert np.array_equal(ngram_sample(shard, len(shard), eos), shard)
-    sample = ngram_sample(shard, len(shard) // 10, eos, stretches=64, min_stretch=32)
-    assert sample.dtype == np.int64 and len(shard) // 20 < len(sample) <= len(shard) // 10
+    limit = len(shard) // 10
+    sample = ngram_sample(shard, limit, eos, stretches=64, min_stretch=32)
+    assert sample.dtype == np.int64 and 0.9 * limit < len(sample) < 1.1 * limit
     ends = np.flatnonzero(sample == eos)
     assert ends[-1] == len(sample) - 1
     got = [tuple(x) for x in np.split(sample, ends[:-1] + 1)]
-    assert set(got) <= set(lines)  # every sampled line is a line of the shard, whole
-    share = {lang: sum(line[0] == tag for line in got) / len(got) for lang, tag in tags.items()}
-    assert share["fa"] == pytest.approx(3000 / 4500, abs=0.08) and share["en"] == pytest.approx(500 / 4500, abs=0.05)
+    # Whole lines of the shard, the first among them, none taken more often than the shard has it.
+    have, taken = Counter(lines), Counter(got)
+    assert got[0] == lines[0] and all(have[line] >= k for line, k in taken.items())
+    for lang, tag in tags.items():
+        share = sum(len(line) for line in got if line[0] == tag) / len(sample)
+        assert share == pytest.approx(tokens_of[lang] / len(shard), abs=0.05), lang
 
 
 def test_a_large_training_shard_is_sampled_for_the_ngram(tmp_path, capsys):
@@ -318,6 +324,16 @@ def test_a_large_training_shard_is_sampled_for_the_ngram(tmp_path, capsys):
     run_stage("evaluate", config, run)
     report = json.loads((run / "evaluate" / "report.json").read_text(encoding="utf-8"))
     n_train = (run / "tokenize" / "train.bin").stat().st_size // 2
-    # One stretch (150 tokens are fewer than a stretch's minimum), from the shard's start to its last whole line.
-    assert 120 < report["ngram"]["counted_tokens"] <= 150 and report["ngram"]["train_tokens"] == n_train
+    # One stretch (150 tokens are fewer than a stretch's minimum): the shard's start to the end of its 150th token's line.
+    assert 150 <= report["ngram"]["counted_tokens"] < 180 and report["ngram"]["train_tokens"] == n_train
     assert f"on {report['ngram']['counted_tokens']:,} of the {n_train:,} tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("data, message", [(b"", "empty"), (b"abc", "3 bytes, not a whole number of uint16 tokens")])
+def test_an_empty_or_damaged_training_shard_is_named(tmp_path, data, message):
+    from sokhan import SokhanError
+    from sokhan.pipeline.stages.evaluate import _train_tokens
+
+    (tmp_path / "train.bin").write_bytes(data)
+    with pytest.raises(SokhanError, match=message):
+        _train_tokens(tmp_path, {"dtype": "uint16"})

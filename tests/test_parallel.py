@@ -63,3 +63,33 @@ def test_workers_leave_ctrl_c_to_the_caller():
     """A terminal's Ctrl-C reaches every process of the group: the workers ignore it (each would print a traceback
     of its own); the caller's KeyboardInterrupt ends the map and terminates them."""
     assert all(ordered_map(_sigint_ignored, range(4), 2))
+
+
+def _dies_at_three(x: int) -> int:
+    import os
+    import signal
+
+    if x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    return x
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    with pytest.raises(SokhanError, match="a worker process died"):
+        list(ordered_map(_dies_at_three, range(10), 2))
+
+
+class _TwoArgError(Exception):
+    def __init__(self, a, b):  # cannot be rebuilt from its args alone
+        super().__init__(f"{a} {b}")
+
+
+def _raises_unpicklable(x: int) -> int:
+    if x == 2:
+        raise _TwoArgError("job", x)
+    return x
+
+
+def test_an_exception_that_cannot_be_sent_back_is_still_an_error():
+    with pytest.raises(Exception):
+        list(ordered_map(_raises_unpicklable, range(6), 2))

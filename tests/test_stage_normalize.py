@@ -185,6 +185,7 @@ def test_same_output_with_one_or_two_workers(sample_dir, tmp_path):
         cfg = load_config(_config(tmp_path, sources, normalize__workers=str(workers), corpus__errors='"replace"'))
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(normalize_stage, "CHUNK", 5 if workers == 2 else 256)
+            mp.setattr(normalize_stage, "MIN_PARALLEL_BYTES", 0)  # the sample is small: workers only when made to
             manifests.append(run_stage("normalize", cfg, tmp_path / f"run{workers}"))
         outs.append({p.name: p.read_bytes() for p in sorted((tmp_path / f"run{workers}" / "normalize").iterdir()) if p.name != "manifest.json"})
     assert outs[0] == outs[1]
@@ -198,3 +199,10 @@ def test_workers_checked(tmp_path, capsys):
     cfg = _config(tmp_path, [(_write(tmp_path / "en.txt", EN), "en")], normalize__workers="-1")
     assert main(["normalize", "--run-dir", str(tmp_path / "run"), "--config", str(cfg)]) == 2
     assert "normalize.workers = -1 must be ≥ 0" in capsys.readouterr().err
+
+
+def test_a_binary_file_is_named_before_an_invalid_line_above_it(tmp_path, capsys):
+    """A NUL byte makes the file binary whatever comes before it: the error says so, not the invalid UTF-8 line
+    above it (whose advice, corpus.errors = "replace", would only lead to the binary-file error next)."""
+    blob = _write(tmp_path / "en.txt", b"fine\nbad \xff\n" + b"x" * 10 + b"\nnul \0 here\n")
+    _bad_input(tmp_path, capsys, [(blob, "en")], f"{blob}:4: binary file (NUL byte at offset 26)")

@@ -32,16 +32,12 @@ def source_files(path: str | Path) -> list[Path]:
 def read_lines(path: Path, errors: Errors = "strict") -> Iterator[tuple[int, str | None]]:
     """``(line_number, text)`` for every line of ``path`` (1-based); ``text`` is None for a line skipped as invalid.
 
-    The file is read line by line, so memory does not grow with its size. A binary file is found at its first NUL
-    byte: the lines before it have been yielded by then, and the caller's stage fails without publishing them.
+    The file is read line by line, so memory does not grow with its size. A NUL byte anywhere means a binary file,
+    refused before any line is read (whatever the policy), as a quick first pass over the bytes finds it.
     """
-    offset = 0
+    _refuse_binary(Path(path))
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):  # binary files split on b"\n" only, as the text is split everywhere else
-            nul = raw.find(b"\0")
-            if nul >= 0:
-                raise SokhanError(f"{path}:{i}: binary file (NUL byte at offset {offset + nul}); corpus files must be UTF-8 text")
-            offset += len(raw)
             if raw.endswith(b"\n"):
                 raw = raw[:-1]  # the newline ends the line; a final one does not start another
             try:
@@ -54,3 +50,16 @@ def read_lines(path: Path, errors: Errors = "strict") -> Iterator[tuple[int, str
                         'fix the file or set corpus.errors = "replace" or "skip"'
                     ) from None
                 yield i, raw.decode("utf-8", errors="replace") if errors == "replace" else None
+
+
+def _refuse_binary(path: Path, block: int = 1 << 22) -> None:
+    """A SokhanError naming the line and offset of the first NUL byte in ``path``, if it has one."""
+    offset, lines = 0, 0
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            nul = data.find(b"\0")
+            if nul >= 0:
+                line = lines + data.count(b"\n", 0, nul) + 1
+                raise SokhanError(f"{path}:{line}: binary file (NUL byte at offset {offset + nul}); corpus files must be UTF-8 text")
+            offset += len(data)
+            lines += data.count(b"\n")

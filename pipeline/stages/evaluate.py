@@ -39,9 +39,9 @@ class EvaluateConfig:
     ngram_order: int = 5
     """Order of the Kneser-Ney baseline (1 = discounted unigram)."""
     ngram_max_tokens: int = 20_000_000
-    """Training tokens the baseline counts at most: counting takes about 90 bytes of memory per token. A larger
-    training shard is sampled in whole lines, from 256 stretches spread evenly over it (every language in its
-    share); the log and the report say so."""
+    """Training tokens the baseline counts (about: whole lines): counting takes about 90 bytes of memory per token.
+    A larger training shard is sampled in whole lines, from 256 stretches spread evenly over it (every language in
+    its share); the log and the report say so."""
     window: int | None = None
     """Tokens the model sees per scoring window; None = the training sequence length."""
     stride: int = 128
@@ -198,21 +198,36 @@ def _train_tokens(tok_dir: Path, meta: dict[str, Any]):
     import numpy as np
 
     path = tok_dir / "train.bin"
-    try:
-        return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
-    except FileNotFoundError:
-        raise SokhanError(f"{path}: no such file (rerun `sokhan tokenize`)") from None
-    except ValueError:  # an empty file cannot be mapped
-        raise SokhanError(f"{path}: empty (rerun `sokhan tokenize --force`)") from None
+    dtype = np.dtype(meta["dtype"])
+    if not path.is_file():
+        raise SokhanError(f"{path}: no such file (rerun `sokhan tokenize`)")
+    size = path.stat().st_size
+    if size == 0 or size % dtype.itemsize:
+        what = "empty" if size == 0 else f"{size} bytes, not a whole number of {dtype.name} tokens (damaged)"
+        raise SokhanError(f"{path}: {what}; rerun `sokhan tokenize --force`")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _line_end(tokens, i: int, eos_id: int) -> int:
+    """One past the first ``<|eos|>`` at or after ``i`` (the end of the line that holds position ``i``)."""
+    import numpy as np
+
+    n, step = len(tokens), 4096
+    while i < n:
+        hits = np.flatnonzero(np.asarray(tokens[i : i + step]) == eos_id)
+        if hits.size:
+            return i + int(hits[0]) + 1
+        i, step = i + step, step * 2
+    return n
 
 
 def ngram_sample(tokens, limit: int, eos_id: int, stretches: int = 256, min_stretch: int = 1024):
-    """``tokens`` as int64 when there are at most ``limit``; else whole lines from ``stretches`` stretches spread
-    evenly over them (fewer where ``limit`` would make them shorter than ``min_stretch``), about ``limit`` tokens
-    in all. The shard holds its languages one after the other, so its first
-    ``limit`` tokens could all be Persian; evenly spread stretches keep every language's share. Each stretch is cut
-    after an ``<|eos|>`` at both ends, so the sample is whole lines end to end, as the shard is (no n-gram spans a
-    cut that the shard does not have)."""
+    """``tokens`` as int64 when there are at most ``limit``; else about ``limit`` tokens of whole lines from
+    ``stretches`` stretches spread evenly over them (fewer where ``limit`` would make them shorter than
+    ``min_stretch``). The shard holds its languages one after the other, so its first ``limit`` tokens could all be
+    Persian; evenly spread stretches keep every language's share. A stretch takes the lines that start inside it,
+    whole, the last one past its end where it runs on, so a language of long lines keeps its share too; the sample
+    is whole lines end to end, as the shard is (no n-gram spans a cut the shard does not have)."""
     import numpy as np
 
     n = len(tokens)
@@ -220,16 +235,14 @@ def ngram_sample(tokens, limit: int, eos_id: int, stretches: int = 256, min_stre
         return np.asarray(tokens, dtype=np.int64)
     stretches = max(1, min(stretches, limit // min_stretch))
     size = limit // stretches
-    parts = []
+    parts, done = [], 0  # done: where the previous stretch's lines ended
     for start in np.linspace(0, n - size, stretches).astype(np.int64):
-        window = np.asarray(tokens[start : start + size], dtype=np.int64)
-        ends = np.flatnonzero(window == eos_id)
-        if start == 0 and ends.size:
-            parts.append(window[: ends[-1] + 1])
-        elif ends.size >= 2:
-            parts.append(window[ends[0] + 1 : ends[-1] + 1])
-    if not parts:  # no stretch holds a whole line: lines longer than a stretch; take the shard's start
-        return np.asarray(tokens[:limit], dtype=np.int64)
+        first = 0 if start == 0 else _line_end(tokens, int(start) - 1, eos_id)  # the first line starting in it
+        first = max(first, done)
+        end = _line_end(tokens, int(start) + size - 1, eos_id)
+        if first < end:
+            parts.append(np.asarray(tokens[first:end], dtype=np.int64))
+            done = end
     return np.concatenate(parts)
 
 

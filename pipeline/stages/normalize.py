@@ -71,16 +71,17 @@ def inputs(config) -> list[Path]:
 
 
 CHUNK = 256  # lines sent to a worker at a time
+MIN_PARALLEL_BYTES = 1 << 20  # below this much text, one process
 
 
-def _normalize_chunk(job: tuple[str, list[str | None], dict]) -> list[tuple[str | None, str | None, bool]]:
-    """``(language, normalized line, detected)`` for each raw line of one source: ``line`` is None for a line that
-    could not be read (None), ``language`` None where ``auto`` found none; ``detected``: ``auto`` looked at it (a
-    line that is not blank)."""
+def _normalize_chunk(job: tuple[int, str, list[str | None], dict]) -> tuple[int, list[tuple[str | None, str | None, bool]]]:
+    """The job's file index ``k``, and ``(language, normalized line, detected)`` for each raw line of that file:
+    ``line`` is None for a line that could not be read (None), ``language`` None where ``auto`` found none;
+    ``detected``: ``auto`` looked at it (a line that is not blank)."""
     from sokhan.tokenization.langid import detect_language
     from sokhan.tokenization.normalize import normalize
 
-    tag, lines, opts = job
+    k, tag, lines, opts = job
     out: list[tuple[str | None, str | None, bool]] = []
     for raw in lines:
         if raw is None:
@@ -90,7 +91,7 @@ def _normalize_chunk(job: tuple[str, list[str | None], dict]) -> list[tuple[str 
             out.append((lang, normalize(raw, lang, **opts) if lang is not None else "", True))
         else:
             out.append((tag, normalize(raw, tag, **opts), False))
-    return out
+    return k, out
 
 
 def run(ctx) -> dict:
@@ -104,11 +105,22 @@ def run(ctx) -> dict:
     from sokhan.tokenization.normalize import normalize
 
     corpus, opts = ctx.config.corpus, ctx.config.normalize
+    # Every file of every source, in order: (source index, source, path).
+    sources = [(i, src, path) for i, src in enumerate(corpus.paths) for path in source_files(src.path)]
     workers = opts.workers or os.cpu_count() or 1
+    if sum(path.stat().st_size for _, _, path in sources) < MIN_PARALLEL_BYTES:
+        workers = 1  # starting the workers would take longer than the work
     options = {"digits": opts.digits, "remove_diacritics": opts.remove_diacritics}
     if workers > 1:  # hazm loads its data on first use: once here, shared by the forked workers
         for lang in {lang for src in corpus.paths for lang in ((src.lang,) if src.lang != "auto" else LANGUAGES)}:
             normalize("ا", lang, **options)
+
+    def jobs():
+        """Chunks of raw lines from every file in turn, each tagged with its file's place in ``sources``."""
+        for k, (_, src, path) in enumerate(sources):
+            for chunk in batched((raw for _, raw in read_lines(path, corpus.errors)), CHUNK):
+                yield k, src.lang, chunk, options
+
     # Lines go to disk as they come, so memory does not grow with the corpus: the deduplication keeps a 16-byte
     # digest per line kept, not the line (a collision of BLAKE2b-128 digests is beyond any corpus's reach).
     outputs = {lang: ctx.out / f".{lang}.txt.partial" for lang in LANGUAGES}
@@ -118,46 +130,40 @@ def run(ctx) -> dict:
     chars_kept = {lang: 0 for lang in LANGUAGES}
     dropped = {"empty": 0, "duplicate": 0, "invalid_utf8": 0, "no_language": 0}
     detected = {lang: 0 for lang in LANGUAGES} | {"none": 0}
-    files = []
-    per_source = []  # lines kept from each source
+    read = [0] * len(sources)  # lines read from each file
+    per_source = [0] * len(corpus.paths)  # lines kept from each source
     try:
-        for src in corpus.paths:
-            src_lines = 0
-            for path in source_files(src.path):
-                read = 0
-                raw_lines = (raw for _, raw in read_lines(path, corpus.errors))
-                jobs = ((src.lang, chunk, options) for chunk in batched(raw_lines, CHUNK))
-                with progress(desc=f"normalize {path.name}", unit=" lines") as bar:
-                    for results in ordered_map(_normalize_chunk, jobs, workers):
-                        bar.update(len(results))
-                        for lang, line, was_detected in results:
-                            read += 1
-                            if line is None:
-                                dropped["invalid_utf8"] += 1
-                                continue
-                            if was_detected:
-                                detected[lang or "none"] += 1
-                            if lang is None:
-                                dropped["no_language"] += 1
-                                continue
-                            if not line:
-                                dropped["empty"] += 1
-                                continue
-                            if opts.dedupe:
-                                digest = hashlib.blake2b(line.encode("utf-8"), digest_size=16).digest()
-                                if digest in seen[lang]:
-                                    dropped["duplicate"] += 1
-                                    continue
-                                seen[lang].add(digest)
-                            files_out[lang].write(line + "\n")
-                            lines_kept[lang] += 1
-                            chars_kept[lang] += len(line)
-                            src_lines += 1
-                files.append({"path": str(path), "lang": src.lang, "lines_read": read})
-            per_source.append(src_lines)
+        # One set of workers for the whole corpus (a folder of many small files would otherwise start one per file).
+        with progress(desc="normalize", unit=" lines") as bar:
+            for k, results in ordered_map(_normalize_chunk, jobs(), workers):
+                bar.update(len(results))
+                read[k] += len(results)
+                for lang, line, was_detected in results:
+                    if line is None:
+                        dropped["invalid_utf8"] += 1
+                        continue
+                    if was_detected:
+                        detected[lang or "none"] += 1
+                    if lang is None:
+                        dropped["no_language"] += 1
+                        continue
+                    if not line:
+                        dropped["empty"] += 1
+                        continue
+                    if opts.dedupe:
+                        digest = hashlib.blake2b(line.encode("utf-8"), digest_size=16).digest()
+                        if digest in seen[lang]:
+                            dropped["duplicate"] += 1
+                            continue
+                        seen[lang].add(digest)
+                    files_out[lang].write(line + "\n")
+                    lines_kept[lang] += 1
+                    chars_kept[lang] += len(line)
+                    per_source[sources[k][0]] += 1
     finally:
         for f in files_out.values():
             f.close()
+    files = [{"path": str(path), "lang": src.lang, "lines_read": n} for (_, src, path), n in zip(sources, read)]
 
     total_lines = sum(lines_kept.values())
     if total_lines == 0:

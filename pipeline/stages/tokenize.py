@@ -285,6 +285,7 @@ def language_report(lines: list[str], words_per_line: list[list[str]], ids: list
 
 
 def run(ctx) -> dict:
+    import contextlib
     import os
     import tempfile
 
@@ -319,8 +320,11 @@ def run(ctx) -> dict:
                 log(f"tokenize: {lang} has {n} lines: held out in runs of "
                     f"{split_block(n, cfg.val_fraction, cfg.val_block)}, not tokenize.val_block = {cfg.val_block} "
                     f"(a run may not exceed the {cfg.val_fraction:.0%} held out)")
-            with open(scratch / f"{lang}.train", "w", encoding="utf-8") as tr, open(scratch / f"{lang}.val", "w", encoding="utf-8") as va:
-                pieces = segment_stream(_read_lines(src / f"{lang}.txt"), lang, seg, workers, total=n)
+            pieces = segment_stream(_read_lines(src / f"{lang}.txt"), lang, seg, workers, total=n)
+            # closing() ends the stream, and its worker processes, here: zip stops at the mask's end without asking
+            # the stream for the end it has reached.
+            with open(scratch / f"{lang}.train", "w", encoding="utf-8") as tr, \
+                    open(scratch / f"{lang}.val", "w", encoding="utf-8") as va, contextlib.closing(pieces):
                 for val, joined in zip(held_out[lang], pieces):
                     (va if val else tr).write(joined + "\n")
 
