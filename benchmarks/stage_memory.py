@@ -47,7 +47,7 @@ folder, limit = Path(sys.argv[1]), int(sys.argv[2])
 meta = read_meta(folder)
 tokens = ngram_sample(_train_tokens(folder, meta), limit, meta["special_tokens"]["<|eos|>"])
 KneserNey(EvaluateConfig().ngram_order, meta["vocab_size"]).fit(tokens)
-print(len(tokens), file=sys.stderr)
+print(len(tokens))
 """
 _WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
@@ -69,8 +69,9 @@ def build_corpus(corpora: Path, copies: int, out: Path) -> int:
     return total
 
 
-def measure(label: str, cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of ``cmd`` run to completion; a failure ends the benchmark with its error."""
+def measure(label: str, cmd: list[str]) -> tuple[float, float, list[str]]:
+    """(wall seconds, peak RSS in MB, the lines ``cmd`` printed) of ``cmd`` run to completion; a failure ends the
+    benchmark with its error."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True,
                           env={**__import__("os").environ, "SOKHAN_PROGRESS": "0"})
@@ -78,7 +79,8 @@ def measure(label: str, cmd: list[str]) -> tuple[float, float]:
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise SokhanError(f"{label} failed: {last}")
-    return wall, int(proc.stdout.strip().splitlines()[-1]) / 1024
+    *printed, rss = proc.stdout.strip().splitlines()
+    return wall, int(rss) / 1024, printed
 
 
 def main() -> None:
@@ -97,15 +99,14 @@ def main() -> None:
             (tmp / "config.toml").write_text(config + "[normalize]\ndedupe = false\n", encoding="utf-8")
             row = {"copies": copies, "corpus_mb": size / 1e6}
             for stage in ("normalize", "tokenize"):
-                wall, rss = measure(stage, [*sokhan, stage, "--run-dir", str(tmp / "run"), "--config", str(tmp / "config.toml")])
+                wall, rss, _ = measure(stage, [*sokhan, stage, "--run-dir", str(tmp / "run"), "--config", str(tmp / "config.toml")])
                 row[stage] = {"wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1), "mb_per_s": round(size / 1e6 / wall, 2)}
             row["train_tokens"] = json.loads((tmp / "run" / "tokenize" / "meta.json").read_text())["tokens"]["train"]
             from sokhan.pipeline.stages.evaluate import EvaluateConfig
 
             for name, limit in (("ngram", EvaluateConfig().ngram_max_tokens), ("ngram_all_tokens", 2**62)):
-                wall, rss = measure(name, [sys.executable, "-c", _NGRAM, str(tmp / "run" / "tokenize"), str(limit)])
-                row[name] = {"wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1),
-                             "tokens": min(limit, sum(row["train_tokens"].values()))}
+                wall, rss, printed = measure(name, [sys.executable, "-c", _NGRAM, str(tmp / "run" / "tokenize"), str(limit)])
+                row[name] = {"wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1), "tokens_counted": int(printed[-1])}
             shutil.rmtree(tmp / "run")
         rows.append(row)
         print(f"copies {copies}: {row}", file=sys.stderr)
