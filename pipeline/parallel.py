@@ -9,6 +9,7 @@ where a ``multiprocessing.Pool`` waits for its result for ever.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import deque
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -17,6 +18,7 @@ from sokhan import SokhanError
 
 J = TypeVar("J")
 R = TypeVar("R")
+_END = object()
 
 
 def batched(items: Iterable[J], size: int) -> Iterator[list[J]]:
@@ -27,9 +29,30 @@ def batched(items: Iterable[J], size: int) -> Iterator[list[J]]:
 
 
 def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C is the caller's to handle. The worker was forked with SIGINT blocked
+    (``_sigint_blocked``), so one sent before this ran is pending: ignored first, unblocked second, it is dropped."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """SIGINT held back in this thread while the pool starts its processes and threads (they inherit the mask):
+    a Ctrl-C that lands mid-start could otherwise kill a worker before its initializer ran (its traceback printed),
+    break the executor's start-up, or hang it. The signal is delivered when the block ends."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no fork)
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def ordered_map(fn: Callable[[J], R], jobs: Iterable[J], workers: int, ahead: int = 16) -> Iterator[R]:
@@ -48,9 +71,17 @@ def ordered_map(fn: Callable[[J], R], jobs: Iterable[J], workers: int, ahead: in
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     # A terminal's Ctrl-C reaches the workers too: they ignore it (each would otherwise print its own traceback over
     # the one-line interruption) and the caller, interrupted, shuts them down.
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_ignore_sigint)
-    pending: deque = deque()
+    jobs = iter(jobs)
+    first = next(jobs, _END)
+    if first is _END:
+        return
+    pool, pending = None, deque()
     try:
+        # The first submit forks every worker and starts the executor's threads; a Ctrl-C held back meanwhile is
+        # raised as the block ends, inside this try, so the pool is still shut down.
+        with _sigint_blocked():
+            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_ignore_sigint)
+            pending.append(pool.submit(fn, first))
         for job in jobs:
             pending.append(pool.submit(fn, job))
             if len(pending) >= ahead * workers:
@@ -62,4 +93,5 @@ def ordered_map(fn: Callable[[J], R], jobs: Iterable[J], workers: int, ahead: in
                           "lower the stage's workers setting, or give it more memory") from None
     finally:
         # Leaving early (an error, Ctrl-C, a closed generator): drop what is queued, let the running jobs end.
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -296,7 +296,7 @@ def test_ngram_sample_keeps_whole_lines_of_every_language():
     rng = np.random.default_rng(0)
     eos, tags = 1, {"fa": 3, "zh": 4, "en": 5}
     lines, shard, tokens_of = [], [], {}
-    for lang, n_lines, longest in (("fa", 3000, 30), ("zh", 300, 300), ("en", 500, 30)):
+    for lang, n_lines, longest in (("fa", 12000, 30), ("zh", 1200, 300), ("en", 2000, 30)):
         for _ in range(n_lines):
             line = [tags[lang], *rng.integers(10, 300, rng.integers(1, longest)).tolist(), eos]
             lines.append(tuple(line))
@@ -305,7 +305,7 @@ def test_ngram_sample_keeps_whole_lines_of_every_language():
     shard = np.array(shard, dtype=np.uint16)
     assert np.array_equal(ngram_sample(shard, len(shard), eos), shard)
     limit = len(shard) // 10
-    sample = ngram_sample(shard, limit, eos, stretches=64, min_stretch=32)
+    sample = ngram_sample(shard, limit, eos, stretches=32, min_stretch=32)  # stretches of ~1250 tokens: lines fit
     assert sample.dtype == np.int64 and 0.9 * limit < len(sample) < 1.1 * limit
     ends = np.flatnonzero(sample == eos)
     assert ends[-1] == len(sample) - 1
@@ -316,6 +316,19 @@ def test_ngram_sample_keeps_whole_lines_of_every_language():
     for lang, tag in tags.items():
         share = sum(len(line) for line in got if line[0] == tag) / len(sample)
         assert share == pytest.approx(tokens_of[lang] / len(shard), abs=0.05), lang
+
+
+def test_ngram_sample_stays_near_its_limit_with_endless_lines():
+    """A line longer than a stretch, or a shard with no line ends at all, is cut at the stretches' ends: the sample
+    stays within a factor of two of the limit."""
+    from sokhan.pipeline.stages.evaluate import ngram_sample
+
+    eos = 1
+    no_ends = np.full(100_000, 7, dtype=np.uint16)
+    one_long = np.concatenate([[3], np.full(50_000, 7), [eos], np.tile([3, 8, 9, eos], 5000)]).astype(np.uint16)
+    for shard in (no_ends, one_long):
+        sample = ngram_sample(shard, 10_000, eos, stretches=8, min_stretch=100)
+        assert 10_000 // 2 <= len(sample) <= 2 * 10_000
 
 
 def test_a_large_training_shard_is_sampled_for_the_ngram(tmp_path, capsys):

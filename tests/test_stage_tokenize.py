@@ -228,7 +228,7 @@ def test_a_corpus_too_small_for_the_vocabulary_says_so(tmp_path, capsys):
 
 @pytest.mark.parametrize("edit", [
     lambda m: m.pop("vocab_size"), lambda m: m.update(vocab_size="8000"), lambda m: m.update(special_tokens={}),
-    lambda m: m.pop("dtype"),
+    lambda m: m.pop("dtype"), lambda m: m.update(dtype="nonsense"),
 ])
 def test_a_damaged_meta_json_is_named_in_one_line(tmp_path, edit):
     """Later stages read meta.json's fields; a hand-edited one ended in a KeyError traceback inside evaluate."""

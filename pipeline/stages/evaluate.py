@@ -208,26 +208,27 @@ def _train_tokens(tok_dir: Path, meta: dict[str, Any]):
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def _line_end(tokens, i: int, eos_id: int) -> int:
-    """One past the first ``<|eos|>`` at or after ``i`` (the end of the line that holds position ``i``)."""
+def _line_end(tokens, i: int, eos_id: int, stop: int) -> int | None:
+    """One past the first ``<|eos|>`` in ``tokens[i:stop]`` (the end of the line that holds position ``i``), or None."""
     import numpy as np
 
-    n, step = len(tokens), 4096
-    while i < n:
-        hits = np.flatnonzero(np.asarray(tokens[i : i + step]) == eos_id)
+    stop, step = min(stop, len(tokens)), 4096
+    while i < stop:
+        hits = np.flatnonzero(np.asarray(tokens[i : min(i + step, stop)]) == eos_id)
         if hits.size:
             return i + int(hits[0]) + 1
         i, step = i + step, step * 2
-    return n
+    return None
 
 
 def ngram_sample(tokens, limit: int, eos_id: int, stretches: int = 256, min_stretch: int = 1024):
-    """``tokens`` as int64 when there are at most ``limit``; else about ``limit`` tokens of whole lines from
-    ``stretches`` stretches spread evenly over them (fewer where ``limit`` would make them shorter than
-    ``min_stretch``). The shard holds its languages one after the other, so its first ``limit`` tokens could all be
-    Persian; evenly spread stretches keep every language's share. A stretch takes the lines that start inside it,
-    whole, the last one past its end where it runs on, so a language of long lines keeps its share too; the sample
-    is whole lines end to end, as the shard is (no n-gram spans a cut the shard does not have)."""
+    """``tokens`` as int64 when there are at most ``limit``; else about ``limit`` tokens (never twice as many) of
+    whole lines from ``stretches`` stretches spread evenly over them (fewer where ``limit`` would make them shorter
+    than ``min_stretch``). The shard holds its languages one after the other, so its first ``limit`` tokens could all
+    be Persian; evenly spread stretches keep every language's share. A stretch takes the lines that start inside it,
+    whole, the last one past its end where it runs on (so a language of long lines keeps its share too); a line
+    that runs on for more than another stretch length is cut at the stretch's ends. Otherwise the sample is whole
+    lines end to end, as the shard is (no n-gram spans a cut the shard does not have)."""
     import numpy as np
 
     n = len(tokens)
@@ -237,9 +238,12 @@ def ngram_sample(tokens, limit: int, eos_id: int, stretches: int = 256, min_stre
     size = limit // stretches
     parts, done = [], 0  # done: where the previous stretch's lines ended
     for start in np.linspace(0, n - size, stretches).astype(np.int64):
-        first = 0 if start == 0 else _line_end(tokens, int(start) - 1, eos_id)  # the first line starting in it
+        start = int(start)
+        # From the first line that starts in the stretch (or its start, inside a line longer than the stretch) to
+        # the end of the line it ends in (or its end, where that line runs on for more than another stretch).
+        first = 0 if start == 0 else _line_end(tokens, start - 1, eos_id, start + size - 1) or start
         first = max(first, done)
-        end = _line_end(tokens, int(start) + size - 1, eos_id)
+        end = _line_end(tokens, start + size - 1, eos_id, start + 2 * size) or start + size
         if first < end:
             parts.append(np.asarray(tokens[first:end], dtype=np.int64))
             done = end

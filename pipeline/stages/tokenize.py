@@ -49,6 +49,8 @@ def read_meta(tok_dir) -> dict:
     bad = next((k for k, kind in fields.items() if not isinstance(meta, dict) or type(meta.get(k)) is not kind), None)
     if bad is None and "<|eos|>" not in meta["special_tokens"]:
         bad = "special_tokens"
+    if bad is None and meta["dtype"] not in ("uint16", "uint32"):  # what shard_dtype writes
+        bad = "dtype"
     if bad is not None:
         raise SokhanError(f"{path}: field {bad!r} is missing or malformed (meta.json is written by the tokenize stage: "
                           "run `sokhan tokenize --force` to write it again)")
