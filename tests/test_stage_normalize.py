@@ -155,7 +155,11 @@ def test_bad_directory_without_text(tmp_path, capsys):
 def test_bad_language_with_no_lines(tmp_path, capsys):
     en = _write(tmp_path / "en.txt", EN)
     fa = _write(tmp_path / "fa.txt", "\u200b\n\ufeff\n")  # only invisible characters
-    _bad_input(tmp_path, capsys, [(en, "en"), (fa, "fa")], f"corpus.paths[1] ({fa}, language 'fa'): no lines left")
+    _bad_input(tmp_path, capsys, [(en, "en"), (fa, "fa")],
+               f"corpus.paths[1] ({fa}, language 'fa'): no lines left after normalization and deduplication;")
+    # Without deduplication the message does not blame it.
+    _bad_input(tmp_path, capsys, [(en, "en"), (fa, "fa")],
+               f"corpus.paths[1] ({fa}, language 'fa'): no lines left after normalization;", normalize__dedupe="false")
 
 
 def test_bad_no_paths(tmp_path, capsys):

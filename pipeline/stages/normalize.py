@@ -172,8 +172,8 @@ def run(ctx) -> dict:
         if n == 0:
             what = f"language {src.lang!r}" if src.lang != "auto" else "lang 'auto'"
             raise SokhanError(
-                f"corpus.paths[{i}] ({src.path}, {what}): no lines left after normalization and "
-                "deduplication; check the file and its language tag"
+                f"corpus.paths[{i}] ({src.path}, {what}): no lines left after normalization"
+                f"{' and deduplication' if opts.dedupe else ''}; check the file and its language tag"
             )
     total_chars = sum(chars_kept.values())
     languages = {}
