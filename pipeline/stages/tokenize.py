@@ -290,10 +290,9 @@ def run(ctx) -> dict:
     import contextlib
     import os
     import tempfile
+    from collections import Counter
 
     import numpy as np
-
-    from collections import Counter
 
     from sokhan.pipeline.stage import log, progress, write_json
     from sokhan.tokenization.langid import LANGUAGES
