@@ -484,8 +484,8 @@ class Decoder:
         trained = self.config.get("languages")
         if trained and lang not in trained and lang not in self._warned:
             self._warned.add(lang)
-            print(f"sokhan: this model was trained on {', '.join(trained)} text only; a prompt in {lang} is outside them "
-                  "and its predictions will be poor", file=sys.stderr)
+            print(f"sokhan: this model was trained on {', '.join(trained)} text only; it has not seen {lang}, "
+                  "and its predictions for this prompt will be poor", file=sys.stderr)
         ids = self.tokenizer.encode(text, lang=lang)
         if not ids:  # "" or only spaces: the language tag alone is no prompt (and prefill's own check never sees it)
             raise SokhanError(f"empty prompt {text!r}: give at least one character of text")

@@ -53,6 +53,11 @@ def test_bundle_holds_every_file(arch):
     # The transformer's step can append to its caches in place (GroupQueryAttention); the bundle says so and how.
     assert cfg["kv_share_buffer"] == (arch == "transformer")
     assert ("GroupQueryAttention" in (bundle / "README.md").read_text()) == (arch == "transformer")
+    # The README names the languages the model was trained on (config.json's), not all three whatever they were.
+    names = {"fa": "Persian", "zh": "Chinese", "en": "English"}
+    readme = (bundle / "README.md").read_text()
+    assert f"{' / '.join(names[lang] for lang in cfg['languages'])} next-token" in readme
+    assert all((f"<|lang:{lang}|>" in readme) == (lang in cfg["languages"]) for lang in names)
 
 
 def test_mamba_graph_names_and_dynamic_axes():

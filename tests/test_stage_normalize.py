@@ -210,3 +210,14 @@ def test_a_binary_file_is_named_before_an_invalid_line_above_it(tmp_path, capsys
     above it (whose advice, corpus.errors = "replace", would only lead to the binary-file error next)."""
     blob = _write(tmp_path / "en.txt", b"fine\nbad \xff\n" + b"x" * 10 + b"\nnul \0 here\n")
     _bad_input(tmp_path, capsys, [(blob, "en")], f"{blob}:4: binary file (NUL byte at offset 26)")
+
+
+def test_a_source_tagged_with_the_wrong_language_is_named(tmp_path, capsys):
+    """Chinese text tagged fa was normalized as Persian in silence (，→ , and nonsense words); now one line says so.
+    A Persian source with some English lines in it is not flagged."""
+    zh = _write(tmp_path / "zh.txt", ZH * 3)
+    fa = _write(tmp_path / "fa.txt", FA + EN + FA.replace("خواند", "دید"))
+    run_stage("normalize", load_config(_config(tmp_path, [(zh, "fa"), (fa, "fa")])), tmp_path / "run")
+    err = capsys.readouterr().err
+    assert f"corpus.paths[0] ({zh}) is tagged 'fa', but 6 of the first 6 lines checked read as 'zh'" in err
+    assert "corpus.paths[1]" not in err

@@ -137,8 +137,13 @@ def skipped(out: Path, args: argparse.Namespace) -> None:
     _print_report(read_json(out / "report.json"), args)
 
 
+SCRIPT_NAMES = {"fa": "Arabic (Persian)", "zh": "Han (Chinese)", "en": "Latin"}
+
+
 def _read_texts(files: list[Path], langs: list[str]) -> dict[str, list[str]]:
     """Lines per language from ``files`` (``langs`` parallel to them, or empty: detect per line); not normalized."""
+    from collections import Counter
+
     from sokhan.tokenization import detect_language
 
     out: dict[str, list[str]] = {}
@@ -159,14 +164,23 @@ def _read_texts(files: list[Path], langs: list[str]) -> dict[str, list[str]]:
             raise SokhanError(f"--text {path}: line {line}: not UTF-8 (byte 0x{data[e.start]:02x})") from None
         # Lines end at "\n" only, as in corpus files (sokhan.tokenization.corpus): str.splitlines() also breaks at
         # U+2028, \x0c, \x1c… which the normalizer turns into spaces, so the same text scored differently.
+        scripts: Counter = Counter()  # with --lang: what detection would have said of the file's lines
         for line in raw.split("\n"):
             if not line.strip():
                 continue
-            lang = langs[i] if langs else detect_language(line)
+            detected = detect_language(line)
+            lang = langs[i] if langs else detected
+            scripts[detected] += 1
             if lang in LANGS:  # a line without letters of any script has no language to score it as
                 out.setdefault(lang, []).append(line)
             else:
                 unknown += 1
+        other, n = next(((d, k) for d, k in scripts.most_common() if d is not None), (None, 0))
+        if langs and other not in (None, langs[i]) and n > sum(scripts.values()) / 2:
+            from sokhan.pipeline.stage import log
+
+            log(f"evaluate: --lang {langs[i]} for {path}, but most of its lines are in {SCRIPT_NAMES[other]} script; "
+                f"they are scored as {langs[i]} all the same")
     names = ", ".join(map(str, files))
     if not out:
         if unknown:
@@ -290,6 +304,11 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
         texts = _held_out(tok_dir)
     else:
         source = "given texts"
+        trained = [lang for lang, n in meta.get("tokens", {}).get("train", {}).items() if n]
+        unseen = sorted(set(texts) - set(trained)) if trained else []
+        if unseen:  # scored all the same (a user may want the figure), but a table alone reads as a verdict
+            log(f"evaluate: this model was trained on {', '.join(trained)} text only; its {', '.join(unseen)} "
+                "figures measure text it has not seen")
         texts = {lang: [n for s in lines if (n := tokenizer.normalize(s, lang)).strip()] for lang, lines in texts.items()}
         emptied = sorted(lang for lang, lines in texts.items() if not lines)  # only zero-width or control characters
         if len(emptied) == len(texts):

@@ -116,9 +116,10 @@ def calibration_text(tok_dir: Path, meta: dict, windows: int = 4, length: int = 
     return [shard[s:s + length].tolist() for s in starts]
 
 
+LANGUAGE_NAMES = {"fa": "Persian", "zh": "Chinese", "en": "English"}
 README = """# sokhan bundle ({arch})
 
-A {arch} language model exported by sokhan {version}: Persian / Chinese / English next-token and next-word
+A {arch} language model exported by sokhan {version}: {languages} next-token and next-word
 prediction with ONNX Runtime, no PyTorch needed.
 
 | file | what |
@@ -151,7 +152,7 @@ or from Python:
 Start from the state in `config.json`'s `state` list: zeros of the given shape with `batch` your batch size{past},
 in the dtype the graph's inputs declare: float32, float16 in `decoder.fp16.onnx` (its logits stay float32), int8
 for the KV cache of a transformer's `decoder.int8.onnx` (its per-channel scales are inside the graph).
-Prefix the prompt's tokens with its language tag (`<|lang:fa|>`, `<|lang:zh|>`, `<|lang:en|>`), feed one token per
+Prefix the prompt's tokens with its language tag ({tags}; the model was trained on those), feed one token per
 call, and pass each `present.*` output back as the matching `past_key_values.*` input.{posnote}
 """
 
@@ -273,6 +274,8 @@ def run(ctx) -> dict:
     transformer = mcfg.arch == "transformer"
     atomic_write(bundle / "README.md", README.format(
         arch=mcfg.arch, version=config["sokhan_version"], vocab=mcfg.vocab_size, extra=extra,
+        languages=" / ".join(LANGUAGE_NAMES[lang] for lang in languages or LANGUAGE_NAMES),
+        tags=", ".join(f"`<|lang:{lang}|>`" for lang in languages or LANGUAGE_NAMES),
         pos=", `position_ids` (batch, 1) int64" if transformer else "", steps=cfg.parity_steps,
         diff=report["max_abs_diff"], same=report["tokens_identical"],
         past=" and `past` 0 (the key/value caches start empty)" if transformer else "",

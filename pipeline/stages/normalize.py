@@ -72,17 +72,20 @@ def inputs(config) -> list[Path]:
 
 CHUNK = 256  # lines sent to a worker at a time
 MIN_PARALLEL_BYTES = 1 << 20  # below this much text, one process
+CHECK_CHUNKS = 4  # a tagged file's first 4 chunks (1024 lines) are checked against its tag
 
 
-def _normalize_chunk(job: tuple[int, str, list[str | None], dict]) -> tuple[int, list[tuple[str | None, str | None, bool]]]:
-    """The job's file index ``k``, and ``(language, normalized line, detected)`` for each raw line of that file:
-    ``line`` is None for a line that could not be read (None), ``language`` None where ``auto`` found none;
-    ``detected``: ``auto`` looked at it (a line that is not blank)."""
+def _normalize_chunk(job: tuple[int, str, list[str | None], dict, bool]) -> tuple[int, list, dict]:
+    """The job's file index ``k``; ``(language, normalized line, detected)`` for each raw line of that file:
+    ``line`` is None for a line that could not be read (None), ``language`` None where ``auto`` found none,
+    ``detected``: ``auto`` looked at it (a line that is not blank); and, when the job says ``check``, how many of a
+    tagged source's lines the script detection would give each language (None: no letters), to catch a wrong tag."""
     from sokhan.tokenization.langid import detect_language
     from sokhan.tokenization.normalize import normalize
 
-    k, tag, lines, opts = job
+    k, tag, lines, opts, check = job
     out: list[tuple[str | None, str | None, bool]] = []
+    scripts: dict[str | None, int] = {}
     for raw in lines:
         if raw is None:
             out.append((None, None, False))
@@ -91,12 +94,16 @@ def _normalize_chunk(job: tuple[int, str, list[str | None], dict]) -> tuple[int,
             out.append((lang, normalize(raw, lang, **opts) if lang is not None else "", True))
         else:
             out.append((tag, normalize(raw, tag, **opts), False))
-    return k, out
+            if check and raw.strip():
+                d = detect_language(raw)
+                scripts[d] = scripts.get(d, 0) + 1
+    return k, out, scripts
 
 
 def run(ctx) -> dict:
     import hashlib
     import os
+    from collections import Counter
 
     from sokhan.pipeline.parallel import batched, ordered_map
     from sokhan.pipeline.stage import log, progress, write_json
@@ -116,10 +123,11 @@ def run(ctx) -> dict:
             normalize("ا", lang, **options)
 
     def jobs():
-        """Chunks of raw lines from every file in turn, each tagged with its file's place in ``sources``."""
+        """Chunks of raw lines from every file in turn, each tagged with its file's place in ``sources``; a tagged
+        file's first ``CHECK_CHUNKS`` chunks also have their script checked against the tag."""
         for k, (_, src, path) in enumerate(sources):
-            for chunk in batched((raw for _, raw in read_lines(path, corpus.errors)), CHUNK):
-                yield k, src.lang, chunk, options
+            for c, chunk in enumerate(batched((raw for _, raw in read_lines(path, corpus.errors)), CHUNK)):
+                yield k, src.lang, chunk, options, src.lang != "auto" and c < CHECK_CHUNKS
 
     # Lines go to disk as they come, so memory does not grow with the corpus: the deduplication keeps a 16-byte
     # digest per line kept, not the line (a collision of BLAKE2b-128 digests is beyond any corpus's reach).
@@ -131,13 +139,15 @@ def run(ctx) -> dict:
     dropped = {"empty": 0, "duplicate": 0, "invalid_utf8": 0, "no_language": 0}
     detected = {lang: 0 for lang in LANGUAGES} | {"none": 0}
     read = [0] * len(sources)  # lines read from each file
+    scripts = [Counter() for _ in corpus.paths]  # per source: the language script detection gives its lines
     per_source = [0] * len(corpus.paths)  # lines kept from each source
     try:
         # One set of workers for the whole corpus (a folder of many small files would otherwise start one per file).
         with progress(desc="normalize", unit=" lines") as bar:
-            for k, results in ordered_map(_normalize_chunk, jobs(), workers):
+            for k, results, found in ordered_map(_normalize_chunk, jobs(), workers):
                 bar.update(len(results))
                 read[k] += len(results)
+                scripts[sources[k][0]].update(found)
                 for lang, line, was_detected in results:
                     if line is None:
                         dropped["invalid_utf8"] += 1
@@ -164,6 +174,13 @@ def run(ctx) -> dict:
         for f in files_out.values():
             f.close()
     files = [{"path": str(path), "lang": src.lang, "lines_read": n} for (_, src, path), n in zip(sources, read)]
+
+    for i, (src, found) in enumerate(zip(corpus.paths, scripts)):
+        other, n = next(((d, k) for d, k in found.most_common() if d is not None), (None, 0))
+        if other not in (None, src.lang) and n > found.total() / 2:  # a hand-typed tag can be wrong: say so
+            log(f"normalize: corpus.paths[{i}] ({src.path}) is tagged {src.lang!r}, but {n} of the first "
+                f"{found.total()} lines checked read as {other!r} by their script; it is normalized as {src.lang!r} "
+                f"all the same (check its lang, or set lang = \"auto\")")
 
     total_lines = sum(lines_kept.values())
     if total_lines == 0:
