@@ -36,8 +36,9 @@ TOOLS = {
 
 
 def _common(p: argparse.ArgumentParser, run_dir_required: bool) -> None:
-    p.add_argument("--run-dir", type=Path, required=run_dir_required, default=None if run_dir_required else Path("runs/sample"),
-                   help="the run directory (default: runs/sample)" if not run_dir_required else "the run directory")
+    p.add_argument("--run-dir", type=Path, required=run_dir_required, default=None,
+                   help="the run directory (default: runs/<the config's name>, runs/sample without one)"
+                   if not run_dir_required else "the run directory")
     p.add_argument("--config", type=Path, default=None,
                    help="a TOML config or preset name; default: the config stored in the run directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -87,6 +88,11 @@ def _resolve_config(args: argparse.Namespace):
 
     if args.command == "run" and args.config_file is not None and args.config is not None:
         raise SokhanError(f"run: give the config once, as CONFIG ({args.config_file}) or --config ({args.config}), not both")
+    if args.command == "run" and args.run_dir is None:
+        # `sokhan run my.toml` works in runs/my, `sokhan run corpora` in runs/corpora: a run named for its config,
+        # never another config's run (runs/sample for all of them took over the sample's run).
+        named = args.config_file or args.config
+        args.run_dir = Path("runs") / (Path(named).stem if named is not None else "sample")
     path = args.config if args.command != "run" else (args.config_file or args.config)
     base = stored_config(args.run_dir) if path is None else None
     if path is None and base is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,19 @@ def test_run_takes_its_config_once(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "give the config once" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_run_without_run_dir_works_in_runs_named_for_the_config(tmp_path, monkeypatch):
+    """``sokhan run my.toml`` used runs/sample, the sample's run, whatever the config: now runs/my."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(Path(__file__).resolve().parent.parent / "data" / "sample" / "en.txt", tmp_path / "en.txt")
+    (tmp_path / "my.toml").write_text('[[corpus.paths]]\npath = "en.txt"\nlang = "en"\n', encoding="utf-8")
+    assert main(["run", "my.toml", "--stages", "normalize"]) == 0
+    assert (tmp_path / "runs" / "my" / "normalize" / "en.txt").is_file() and not (tmp_path / "runs" / "sample").exists()
+    assert main(["run", "--config", "sample", "--stages", "normalize"]) == 0
+    assert (tmp_path / "runs" / "sample" / "normalize" / "fa.txt").is_file()
 
 
 def test_single_stage_needs_a_config(tmp_path, capsys):
