@@ -127,8 +127,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sokhan.pipeline.stage import (CONFIG_FILE, STAGES, atomic_write, kept_work, lock_run_dir, run_stage,
-                                       save_run_config, stage_module)
+    from sokhan.pipeline.stage import (CONFIG_FILE, LOCK_FILE, STAGES, atomic_write, kept_work, lock_run_dir,
+                                       run_stage, save_run_config, stage_module)
 
     config = _resolve_config(args)
     if args.command == "run":
@@ -146,6 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         lock = lock_run_dir(args.run_dir, required=False)
     if direct is not None and direct(args, config):
         return 0
+    fresh = not Path(args.run_dir).exists()  # this command makes the run directory
     if first and lock is None:
         lock = lock_run_dir(args.run_dir)  # held while this command runs
     if args.command != "run":
@@ -170,6 +171,11 @@ def _run(args: argparse.Namespace) -> int:
             path.unlink(missing_ok=True)
         else:
             atomic_write(path, previous)
+        run_dir = Path(args.run_dir)
+        if fresh and [p.name for p in run_dir.iterdir()] in ([], [LOCK_FILE]):
+            # A first command that failed (a config or corpus error) leaves no folder holding only its lock file.
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            run_dir.rmdir()
         raise
     return 0
 

@@ -75,6 +75,21 @@ def test_run_without_run_dir_works_in_runs_named_for_the_config(tmp_path, monkey
     assert (tmp_path / "runs" / "sample" / "normalize" / "fa.txt").is_file()
 
 
+def test_a_first_command_that_fails_leaves_no_run_directory(tmp_path, capsys):
+    """A config with no corpus, or a missing corpus path, failed in a folder that then held only the lock file."""
+    (tmp_path / "empty.toml").write_text("[train]\nsteps = 5\n", encoding="utf-8")
+    (tmp_path / "missing.toml").write_text('[[corpus.paths]]\npath = "nowhere.txt"\nlang = "fa"\n', encoding="utf-8")
+    for name, message in (("empty", "corpus.paths is empty"), ("missing", "no such file or directory")):
+        run = tmp_path / f"run-{name}"
+        assert main(["run", str(tmp_path / f"{name}.toml"), "--run-dir", str(run)]) == 2
+        assert message in capsys.readouterr().err and not run.exists()
+    # A run directory that was there before keeps what it had.
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main(["run", str(tmp_path / "empty.toml"), "--run-dir", str(kept)]) == 2
+    assert kept.is_dir()
+
+
 def test_single_stage_needs_a_config(tmp_path, capsys):
     assert main(["tokenize", "--run-dir", str(tmp_path / "empty")]) == 2
     assert "no config.json here" in capsys.readouterr().err
