@@ -198,7 +198,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise SokhanError(f"config: {path}: no such file") from None
+        presets = ", ".join(x.stem for x in sorted(CONFIG_DIR.glob("*.toml")))
+        raise SokhanError(f"config: {path}: no such file (a config is a TOML file or a preset: {presets})") from None
     except IsADirectoryError:
         raise SokhanError(f"config: {path}: is a directory, not a TOML file") from None
     except OSError as e:  # permissions, a FIFO, an I/O error: one line, not a traceback

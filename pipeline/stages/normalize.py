@@ -64,7 +64,8 @@ class NormalizeConfig:
 def inputs(config) -> list[Path]:
     """Every corpus file, so that an edited file makes the stage stale."""
     if not config.corpus.paths:
-        raise SokhanError("config: corpus.paths is empty; add e.g. paths = [{ path = \"data/sample/fa.txt\", lang = \"fa\" }]")
+        raise SokhanError("config: corpus.paths is empty; add a [[corpus.paths]] table with path = \"my/corpus.txt\" "
+                          "(a file, or a folder of *.txt) and lang = \"fa\" (fa, zh, en or auto)")
     from sokhan.tokenization.corpus import source_files
 
     return [f for src in config.corpus.paths for f in source_files(src.path)]
