@@ -32,6 +32,7 @@ def main(args: argparse.Namespace) -> int:
     from sokhan import SokhanError
     from sokhan.export.runtime import Decoder
     from sokhan.tokenization import detect_language
+    from sokhan.tokenization.langid import SCRIPT_NAMES
 
     text = args.prompt if args.command == "generate" else args.text
     try:
@@ -42,8 +43,7 @@ def main(args: argparse.Namespace) -> int:
     decoder = Decoder(args.bundle, provider=args.provider, graph=args.graph)
     detected = detect_language(text)
     if args.lang and detected and detected != args.lang:  # read as another language: tag and segmenter both wrong
-        script = {"fa": "Arabic (Persian)", "zh": "Han (Chinese)", "en": "Latin"}[detected]
-        print(f"sokhan: --lang {args.lang}, but the text is mostly in {script} script; it is read as {args.lang} "
+        print(f"sokhan: --lang {args.lang}, but the text is mostly in {SCRIPT_NAMES[detected]} script; it is read as {args.lang} "
               "all the same", file=sys.stderr)
     if args.command == "generate":
         if args.temperature == 0 and (args.top_k is not None or args.seed is not None):

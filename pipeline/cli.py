@@ -88,11 +88,6 @@ def _resolve_config(args: argparse.Namespace):
 
     if args.command == "run" and args.config_file is not None and args.config is not None:
         raise SokhanError(f"run: give the config once, as CONFIG ({args.config_file}) or --config ({args.config}), not both")
-    if args.command == "run" and args.run_dir is None:
-        # `sokhan run my.toml` works in runs/my, `sokhan run corpora` in runs/corpora: a run named for its config,
-        # never another config's run (runs/sample for all of them took over the sample's run).
-        named = args.config_file or args.config
-        args.run_dir = Path("runs") / (Path(named).stem if named is not None else "sample")
     path = args.config if args.command != "run" else (args.config_file or args.config)
     base = stored_config(args.run_dir) if path is None else None
     if path is None and base is None:
@@ -130,6 +125,11 @@ def _run(args: argparse.Namespace) -> int:
     from sokhan.pipeline.stage import (CONFIG_FILE, LOCK_FILE, STAGES, atomic_write, kept_work, lock_run_dir,
                                        run_stage, save_run_config, stage_module)
 
+    if args.command == "run" and args.run_dir is None:
+        # `sokhan run my.toml` works in runs/my, `sokhan run corpora` in runs/corpora: a run named for its config,
+        # never another config's run (runs/sample for all of them took over the sample's run).
+        named = args.config_file or args.config
+        args.run_dir = Path("runs") / (Path(named).stem if named is not None else "sample")
     config = _resolve_config(args)
     if args.command == "run":
         names = STAGES if not args.stages else [s.strip() for s in args.stages.split(",") if s.strip()]

@@ -31,3 +31,13 @@ def test_detect_language(text, lang):
 
 def test_votes_count_words_for_alphabets_and_characters_for_han():
     assert script_votes("one two 三四五 شش") == {"fa": 1, "zh": 3, "en": 2}
+
+
+def test_other_majority_names_a_language_that_outvotes_the_tag():
+    from sokhan.tokenization.langid import other_majority
+
+    assert other_majority({"zh": 6}, "fa") == ("zh", 6)
+    assert other_majority({"fa": 4, "en": 2}, "fa") is None  # the tag's own language leads
+    assert other_majority({"en": 3, "fa": 3}, "fa") is None  # half is not more than half
+    assert other_majority({"en": 2, None: 3}, "fa") is None  # lines without letters count in the total
+    assert other_majority({}, "fa") is None and other_majority({None: 5}, "zh") is None

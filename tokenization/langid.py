@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 LANGUAGES = ("fa", "zh", "en")
+SCRIPT_NAMES = {"fa": "Arabic (Persian)", "zh": "Han (Chinese)", "en": "Latin"}  # for messages
 
 ARABIC_RUN = re.compile("[\u0600-\u06ff\u0750-\u077f\u08a0-\u08ff\ufb50-\ufdff\ufe70-\ufefe]+")
 HAN_CHAR = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
@@ -33,3 +34,13 @@ def detect_language(text: str) -> str | None:
     votes = script_votes(text)
     best = max(LANGUAGES, key=lambda lang: votes[lang])  # max keeps the first of equals: the tie order
     return best if votes[best] > 0 else None
+
+
+def other_majority(detected: dict[str | None, int], lang: str) -> tuple[str, int] | None:
+    """``(language, lines)`` when more than half of some lines (``detected``: how many ``detect_language`` gave each
+    language, None for no letters) read as one language other than ``lang``: a wrong tag or ``--lang``; else None."""
+    total = sum(detected.values())
+    found = max((d for d in detected if d is not None), key=lambda d: detected[d], default=None)
+    if found is None or found == lang or detected[found] * 2 <= total:
+        return None
+    return found, detected[found]

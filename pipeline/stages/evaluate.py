@@ -137,14 +137,12 @@ def skipped(out: Path, args: argparse.Namespace) -> None:
     _print_report(read_json(out / "report.json"), args)
 
 
-SCRIPT_NAMES = {"fa": "Arabic (Persian)", "zh": "Han (Chinese)", "en": "Latin"}
-
-
 def _read_texts(files: list[Path], langs: list[str]) -> dict[str, list[str]]:
     """Lines per language from ``files`` (``langs`` parallel to them, or empty: detect per line); not normalized."""
     from collections import Counter
 
     from sokhan.tokenization import detect_language
+    from sokhan.tokenization.langid import SCRIPT_NAMES, other_majority
 
     out: dict[str, list[str]] = {}
     unknown = 0  # lines in no language this pipeline knows (another script, or no letters at all)
@@ -175,12 +173,11 @@ def _read_texts(files: list[Path], langs: list[str]) -> dict[str, list[str]]:
                 out.setdefault(lang, []).append(line)
             else:
                 unknown += 1
-        other, n = next(((d, k) for d, k in scripts.most_common() if d is not None), (None, 0))
-        if langs and other not in (None, langs[i]) and n > sum(scripts.values()) / 2:
+        if langs and (other := other_majority(scripts, langs[i])):
             from sokhan.pipeline.stage import log
 
-            log(f"evaluate: --lang {langs[i]} for {path}, but most of its lines are in {SCRIPT_NAMES[other]} script; "
-                f"they are scored as {langs[i]} all the same")
+            log(f"evaluate: --lang {langs[i]} for {path}, but most of its lines are in {SCRIPT_NAMES[other[0]]} "
+                f"script; they are scored as {langs[i]} all the same")
     names = ", ".join(map(str, files))
     if not out:
         if unknown:

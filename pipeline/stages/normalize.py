@@ -109,7 +109,7 @@ def run(ctx) -> dict:
     from sokhan.pipeline.parallel import batched, ordered_map
     from sokhan.pipeline.stage import log, progress, write_json
     from sokhan.tokenization.corpus import read_lines, source_files
-    from sokhan.tokenization.langid import LANGUAGES
+    from sokhan.tokenization.langid import LANGUAGES, other_majority
     from sokhan.tokenization.normalize import normalize
 
     corpus, opts = ctx.config.corpus, ctx.config.normalize
@@ -177,10 +177,9 @@ def run(ctx) -> dict:
     files = [{"path": str(path), "lang": src.lang, "lines_read": n} for (_, src, path), n in zip(sources, read)]
 
     for i, (src, found) in enumerate(zip(corpus.paths, scripts)):
-        other, n = next(((d, k) for d, k in found.most_common() if d is not None), (None, 0))
-        if other not in (None, src.lang) and n > found.total() / 2:  # a hand-typed tag can be wrong: say so
-            log(f"normalize: corpus.paths[{i}] ({src.path}) is tagged {src.lang!r}, but {n} of the first "
-                f"{found.total()} lines checked read as {other!r} by their script; it is normalized as {src.lang!r} "
+        if src.lang != "auto" and (other := other_majority(found, src.lang)):  # a hand-typed tag can be wrong
+            log(f"normalize: corpus.paths[{i}] ({src.path}) is tagged {src.lang!r}, but {other[1]} of the first "
+                f"{found.total()} lines checked read as {other[0]!r} by their script; it is normalized as {src.lang!r} "
                 f"all the same (check its lang, or set lang = \"auto\")")
 
     total_lines = sum(lines_kept.values())
