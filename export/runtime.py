@@ -17,6 +17,7 @@ and checks ``sys.modules``).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,11 @@ SEGMENTER = "segmenter.json"
 EOS = "<|eos|>"
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}  # int8: a quantized KV cache (kvcache.py)
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+MIN_ONNXRUNTIME = (1, 28)
+"""The oldest ONNX Runtime that runs every graph sokhan writes, and computes it right (``benchmarks/ort_compat.py``,
+table in benchmarks/README.md): 1.24 to 1.27 cannot load the float16 graphs; the transformer's int8 KV cache does
+not load before 1.26, fails to run on 1.26 and gives wrong logits on 1.27. pip enforces it through pyproject.toml,
+but not on a machine where sokhan was installed with ``--no-deps`` beside an older onnxruntime: hence a check."""
 _NOTICED = False  # the CPU-fallback notice is said once per process
 _PRELOADED = False  # CUDA libraries looked for (once per process)
 
@@ -137,10 +143,20 @@ def _providers(provider: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def check_version(version: str) -> None:
+    """Refuse an onnxruntime older than ``MIN_ONNXRUNTIME`` in one line."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found < MIN_ONNXRUNTIME:
+        want = ".".join(map(str, MIN_ONNXRUNTIME))
+        raise SokhanError(f"onnxruntime {version} is older than {want}, the oldest that runs sokhan's graphs right; "
+                          f"pip install 'onnxruntime>={want}' (or onnxruntime-gpu)")
+
+
 def open_session(path: Path, provider: str = "auto", threads: int | None = None):
     """An ``InferenceSession`` for ``path``; a missing or unreadable model is one SokhanError line."""
     import onnxruntime as ort
 
+    check_version(ort.__version__)
     if not path.is_file():
         raise SokhanError(f"{path}: missing ONNX graph")
     providers: list = _providers(provider)
