@@ -3,7 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from pathlib import Path
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer ≥ ``low``, refused as ``argument -k: …`` naming the flag (the Python API's own
+    messages name its parameters)."""
+
+    def convert(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"{number} must be ≥ {low}")
+        return number
+
+    return convert
+
+
+def _temperature(value: str) -> float:
+    try:
+        t = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not (math.isfinite(t) and t >= 0):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number ≥ 0 (0 = greedy)")
+    return t
+
+
+def _as_sent(text: str) -> str:
+    """An argument as the terminal sent it. Python decodes argv with the locale's encoding: under a Latin-1 locale,
+    Persian typed into a UTF-8 terminal arrived as 'Ø¯Ø±' and was predicted from as Latin text, and under an ASCII
+    one it was refused as not UTF-8. The bytes, where they are UTF-8, are the text; otherwise the locale's reading
+    stands (and lone surrogates, bytes of no encoding, are refused below)."""
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return text
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -15,15 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--lang", choices=("fa", "zh", "en"), default=None, help="language of the text (default: detected)")
     if name == "generate":
         parser.add_argument("--prompt", required=True, help="text to continue")
-        parser.add_argument("--max-new-tokens", type=int, default=64,
+        parser.add_argument("--max-new-tokens", type=_int_at_least(0), default=64,
                             help="tokens to generate at most; it stops earlier at the end of a line (default: 64)")
-        parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-        parser.add_argument("--top-k", type=int, default=None,
+        parser.add_argument("--temperature", type=_temperature, default=0.0, help="sampling temperature; 0 = greedy (default)")
+        parser.add_argument("--top-k", type=_int_at_least(1), default=None,
                             help="sample from the k most likely tokens only (default: all)")
-        parser.add_argument("--seed", type=int, default=None, help="seed of the sampling, for a repeatable text")
+        parser.add_argument("--seed", type=_int_at_least(0), default=None, help="seed of the sampling, for a repeatable text")
     else:
         parser.add_argument("text", help="text whose next word to predict")
-        parser.add_argument("-k", type=int, default=5, help="how many words")
+        parser.add_argument("-k", type=_int_at_least(1), default=5, help="how many words (default: 5)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -34,7 +73,11 @@ def main(args: argparse.Namespace) -> int:
     from sokhan.tokenization import detect_language
     from sokhan.tokenization.langid import SCRIPT_NAMES
 
-    text = args.prompt if args.command == "generate" else args.text
+    text = _as_sent(args.prompt if args.command == "generate" else args.text)
+    if args.command == "generate":
+        args.prompt = text
+    else:
+        args.text = text
     try:
         text.encode("utf-8")  # bytes that are not UTF-8 reach argv as lone surrogates (Python's surrogateescape)
     except UnicodeEncodeError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -162,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
         for name in STAGES:
             if name in names:
                 run_stage(name, config, args.run_dir, force=args.force, args=args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):  # BrokenPipe: the reader of evaluate's table left after it was published
         raise
     except BaseException:
         if any(kept_work(name, args.run_dir, started) for name in names):
@@ -192,8 +193,39 @@ def _interrupted(e: BaseException) -> bool:
     return False
 
 
+def _environment_error(e: BaseException) -> str | None:
+    """One line for an error of the machine rather than of sokhan (a full disk, a read-only folder, a file size
+    limit): an OSError anywhere in ``e``'s chain (libraries wrap it: torch.onnx's exporter does), or a Rust
+    library's I/O error (safetensors: "No space left on device (os error 28)"). None for anything else."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            where = f"{e.filename}: " if e.filename else ""
+            return f"{where}{e.strerror or e}"
+        match = re.search(r"[^:]*\(os error \d+\)", str(e))
+        if match:
+            return match.group(0).strip()
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _utf8_output() -> None:
+    """Persian and Chinese go to stdout and stderr as UTF-8 whatever the locale says (Python's own choice for the C
+    locale): under a Latin-1 one, printing a Persian word or an arrow was a UnicodeEncodeError after the work."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors="replace")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    _utf8_output()
+    try:
+        parser = build_parser()  # imports numpy and the stages' configs: a Ctrl-C can land here too
+    except KeyboardInterrupt:
+        print("sokhan: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     stages = not getattr(args, "tool", None) and args.command != "status"
     try:
@@ -210,7 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BaseException as e:
         if not _interrupted(e):
-            raise
+            problem = _environment_error(e) if isinstance(e, Exception) else None
+            if problem is None:
+                raise
+            kept = "; finished stages are kept" if stages else ""
+            print(f"sokhan: error: {problem}{kept}", file=sys.stderr)
+            return 1
         print("sokhan: interrupted" + ("; finished stages are kept, the interrupted one is not published" if stages else ""),
               file=sys.stderr)
         return 130

@@ -9,8 +9,9 @@ A stage is a module in ``sokhan.pipeline.stages`` that defines
 - optionally ``RESUMABLE = True``: a killed run's ``ctx.out`` is kept for the next attempt (train), and
   ``resumable_work(partial_dir) -> bool``: whether it holds anything to resume from (checkpoints),
 - optionally ``add_arguments(parser)``: flags of its own for ``sokhan <stage>``,
-- optionally ``skipped(final_dir, args)``: called when the stage is up to date and not run (evaluate prints its
-  stored report).
+- optionally ``show(final_dir, args)``: what to print of its published output, after it ran or when it is up to
+  date and skipped (evaluate's table). Only after publication: a print that fails (a closed pipe) must not cost
+  the finished work.
 
 The stage works in ``RUN/<stage>.partial/``. Only when ``run`` returns is ``manifest.json`` written into it and the
 folder renamed to ``RUN/<stage>/``; so a killed or failed stage never leaves anything that looks finished.
@@ -27,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,15 +66,24 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: no stray half-written sibling left beside the file
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def json_text(obj: Any) -> str:
+    """How sokhan writes JSON files: indented, UTF-8 as it is, keys in their order, a final newline."""
+    return json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    atomic_write(path, json_text(obj))
 
 
 def read_json(path: Path) -> Any:
@@ -186,6 +197,10 @@ def ensure_dir(path: Path, what: str) -> Path:
         raise SokhanError(f"{what} {path}: is a file, not a folder") from None
     except OSError as e:
         raise SokhanError(f"{what} {path}: cannot make this folder ({e.strerror or e})") from None
+    try:  # an existing folder may still refuse writes (read-only): say so now, not after the work
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise SokhanError(f"{what} {path}: cannot write into this folder ({e.strerror or e})") from None
     return path
 
 
@@ -324,8 +339,8 @@ def run_stage(
             manifest = {}
         if manifest.get("fingerprint") == fp:
             say(f"{name}: up to date, skipped (--force reruns it)")
-            if hasattr(mod, "skipped") and not worker:  # a result to read (evaluate's table) is shown again
-                mod.skipped(final, args or argparse.Namespace())
+            if hasattr(mod, "show") and not worker:  # a result to read (evaluate's table) is shown again
+                mod.show(final, args or argparse.Namespace())
             return manifest
         say(f"{name}: inputs or config changed since the last run, running again")
 
@@ -344,8 +359,9 @@ def run_stage(
     stamp, stamp_inputs = partial / ".fingerprint", partial / ".fingerprint.json"
     resumed = resumable and not force and stamp.exists() and stamp.read_text().strip() == fp
     if not resumed and partial.exists():
-        if resumable and stamp.exists():
-            why = "--force" if force else f"changed since: {_changes(stamp_inputs, inputs)}"
+        if resumable and (stamp.exists() or want_resume):
+            why = ("--force" if force else f"changed since: {_changes(stamp_inputs, inputs)}") if stamp.exists() \
+                else "it records no config to check this one against"
             if want_resume:  # the user asked to keep this work: refuse before deleting anything
                 raise SokhanError(f"--resume: the interrupted run in {partial} cannot be resumed ({why}); nothing was "
                                   "deleted: run with the config it had, or without --resume to start afresh")
@@ -368,27 +384,35 @@ def run_stage(
         raise
     wall = time.time() - t0
 
+    try:
+        outputs = {
+            str(p.relative_to(partial)): sha256_file(p)
+            for p in sorted(partial.rglob("*"))
+            if p.is_file() and p.name != MANIFEST and p not in (stamp, stamp_inputs)
+        }
+        full_config = to_dict(config)  # in full, with the keys the fingerprint leaves out
+        manifest = {
+            "stage": name,
+            "fingerprint": fp,
+            "config": {s: full_config[s] for s in mod.SECTIONS},
+            "inputs": {"upstream": inputs["upstream"], "files": inputs["files"]},
+            "outputs": outputs,
+            **({"reports": list(mod.REPORTS)} if getattr(mod, "REPORTS", ()) else {}),
+            "metrics": metrics,
+            "versions": versions(),
+            "wall_time_s": round(wall, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json(partial / MANIFEST, manifest)
+    except BaseException:
+        # The work is done but not published (a full disk, say). A resumable stage keeps it with its stamps, so the
+        # next attempt resumes it (training: from its last checkpoint) instead of taking it for another config's.
+        if not resumable:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    # The stamps go only now, with the manifest written: without them a finished partial would read as foreign work.
     stamp.unlink()
     stamp_inputs.unlink()
-    outputs = {
-        str(p.relative_to(partial)): sha256_file(p)
-        for p in sorted(partial.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    full_config = to_dict(config)  # in full, with the keys the fingerprint leaves out
-    manifest = {
-        "stage": name,
-        "fingerprint": fp,
-        "config": {s: full_config[s] for s in mod.SECTIONS},
-        "inputs": {"upstream": inputs["upstream"], "files": inputs["files"]},
-        "outputs": outputs,
-        **({"reports": list(mod.REPORTS)} if getattr(mod, "REPORTS", ()) else {}),
-        "metrics": metrics,
-        "versions": versions(),
-        "wall_time_s": round(wall, 3),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json(partial / MANIFEST, manifest)
     old = run_dir / f".{name}.old"
     if old.exists():
         shutil.rmtree(old)
@@ -397,6 +421,8 @@ def run_stage(
     os.replace(partial, final)
     shutil.rmtree(old, ignore_errors=True)
     log(f"{name}: done in {wall:.1f}s -> {final}")
+    if hasattr(mod, "show"):
+        mod.show(final, args or argparse.Namespace())
     return manifest
 
 
@@ -447,6 +473,8 @@ def lock_run_dir(run_dir: Path, required: bool = True):
     except ImportError:
         return None
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SokhanError(f"{run_dir}: is a file, not a run directory")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         handle = open(run_dir / LOCK_FILE, "a+")
@@ -462,10 +490,13 @@ def lock_run_dir(run_dir: Path, required: bool = True):
         handle.close()
         raise SokhanError(f"{run_dir}: another sokhan command is working in this run directory ({holder}); "
                           "wait for it to finish or stop it") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
+    try:  # who holds it, for the message a second command gets; the lock itself is the flock
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+    except OSError:  # a full disk: the lock holds all the same
+        pass
     return handle
 
 
@@ -481,8 +512,14 @@ def kept_work(name: str, run_dir: Path, since: float) -> bool:
 
 
 def save_run_config(run_dir: Path, config: RunConfig) -> None:
+    """Write ``RUN/config.json``; unchanged, it is not written (a command with nothing to do then works on a
+    full disk or a read-only run directory)."""
+    path = Path(run_dir) / CONFIG_FILE
+    text = json_text(to_dict(config))
+    if path.is_file() and path.read_text(encoding="utf-8", errors="replace") == text:
+        return
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(run_dir) / CONFIG_FILE, to_dict(config))
+    atomic_write(path, text)
 
 
 def stored_config(run_dir: Path) -> dict[str, Any] | None:

@@ -30,6 +30,7 @@ from sokhan import SokhanError
 ARCHS = {"mamba": ("mamba", True), "mamba-lti": ("mamba", False), "transformer": ("transformer", True)}
 TASKS = ("selective_copying", "induction_heads")
 IGNORE = -100
+LOG_LINES = 10  # progress lines per model and task, however many steps: a fixed interval floods a long run's log
 
 
 @dataclass
@@ -156,6 +157,7 @@ def _train(task: str, arch: str, cfg: SynthConfig, model) -> dict:
     t0 = time.time()
     model.train()
     loss = float("nan")
+    every = math.ceil(cfg.steps / LOG_LINES)  # every tenth of the run, and the last step
     for step in range(1, cfg.steps + 1):
         x, y = _batch(task, cfg, rng, cfg.batch_size)
         logits = model(torch.as_tensor(x))
@@ -166,7 +168,7 @@ def _train(task: str, arch: str, cfg: SynthConfig, model) -> dict:
         opt.step()
         sched.step()
         loss = out.item()
-        if step % 50 == 0:
+        if step % every == 0 or step == cfg.steps:
             log(f"synth: {task} {arch} step {step}/{cfg.steps} loss {loss:.3f}")
     model.eval()
     row = {"task": task, "arch": arch, "parameters": sum(p.numel() for p in model.parameters()),
@@ -202,21 +204,21 @@ def markdown(results: list[dict], cfg: SynthConfig) -> str:
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     d = SynthConfig()
     parser.add_argument("--task", choices=(*TASKS, "all"), default="all", help="which task (default: both)")
-    parser.add_argument("--arch", default=",".join(ARCHS), help=f"comma-separated subset of {', '.join(ARCHS)}")
+    parser.add_argument("--arch", default=",".join(ARCHS), help=f"comma-separated subset of {', '.join(ARCHS)} (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/synth"), help="folder for synth.json and synth.md, replaced by each run (default: runs/synth)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="training steps per model and task")
-    parser.add_argument("--seq-len", type=int, default=d.seq_len, help="selective copying: length of the region holding the symbols")
-    parser.add_argument("--n-data", type=int, default=d.n_data, help="selective copying: symbols to copy")
-    parser.add_argument("--n-symbols", type=int, default=d.n_symbols, help="alphabet size of both tasks")
-    parser.add_argument("--induction-len", type=int, default=d.induction_len, help="induction heads training length")
-    parser.add_argument("--test-lengths", default=",".join(map(str, d.test_lengths)), help="induction heads test lengths")
-    parser.add_argument("--d-model", type=int, default=d.d_model, help="model width")
-    parser.add_argument("--n-layers", type=int, default=d.n_layers, help="model depth")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
-    parser.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
-    parser.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out sequences scored per model")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the data and the initialisation")
-    parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    parser.add_argument("--steps", type=int, default=d.steps, help="training steps per model and task (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=d.seq_len, help="selective copying: length of the region holding the symbols (default: %(default)s)")
+    parser.add_argument("--n-data", type=int, default=d.n_data, help="selective copying: symbols to copy (default: %(default)s)")
+    parser.add_argument("--n-symbols", type=int, default=d.n_symbols, help="alphabet size of both tasks (default: %(default)s)")
+    parser.add_argument("--induction-len", type=int, default=d.induction_len, help="induction heads training length (default: %(default)s)")
+    parser.add_argument("--test-lengths", default=",".join(map(str, d.test_lengths)), help="induction heads test lengths (default: %(default)s)")
+    parser.add_argument("--d-model", type=int, default=d.d_model, help="model width (default: %(default)s)")
+    parser.add_argument("--n-layers", type=int, default=d.n_layers, help="model depth (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
+    parser.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out sequences scored per model (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the data and the initialisation (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -160,3 +160,58 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
     ckpt.load_model(folder)
     ckpt.load_checkpoint(folder, model, opt)
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """A full disk in the middle of a checkpoint left its 2.8 MB temporary folder, exactly when space was short."""
+    import errno
+
+    model, run_config = _model()
+    opt = build_optimizer(model, 1e-3, 0.0)
+    ckpt.save_checkpoint(tmp_path, 2, model, opt, run_config, {"data": {}}, keep_last=2)
+
+    def full_disk(path, *args, **kwargs):
+        path.write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "write_tensors", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save_checkpoint(tmp_path, 4, model, opt, run_config, {"data": {}}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002"]
+
+
+def test_a_failed_tensor_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full_disk(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError):
+        ckpt.write_tensors(tmp_path / "model.safetensors", {"w": torch.zeros(2)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_remove_leftovers_deletes_dead_writes_and_keeps_the_rest(tmp_path):
+    keep = ["step_000010", "best", ".fingerprint", ".fingerprint.json", "metrics.jsonl"]
+    dead = [".step_000020.tmp16023", ".best.tmp16023", ".metrics.jsonl.tmp16023", ".loss.tmp16023.png",
+            ".model.safetensors.tmp99", ".step_000010.old16023"]
+    for name in keep + dead:
+        if name.startswith(("step_", "best", ".step_", ".best")):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "model.safetensors").write_bytes(b"x")
+        else:
+            (tmp_path / name).write_text("x")
+    ckpt.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_remove_leftovers_puts_back_a_folder_killed_between_its_renames(tmp_path):
+    """write_folder renames the old folder away, then the new one in: killed in between, the old one is all there is."""
+    (tmp_path / ".best.old123").mkdir()
+    (tmp_path / ".best.old123" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / ".best.tmp123").mkdir()
+    ckpt.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert (tmp_path / "best" / "model.safetensors").read_bytes() == b"weights"

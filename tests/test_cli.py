@@ -187,3 +187,70 @@ def test_ctrl_c_wrapped_by_a_library_is_still_an_interruption(monkeypatch, capsy
     monkeypatch.setattr(cli, "_run", lambda args: 1 / 0)  # anything else is not dressed up as an interruption
     with pytest.raises(ZeroDivisionError):
         main(["export", "--run-dir", "r"])
+
+
+@pytest.mark.parametrize("error,line", [
+    (OSError(28, "No space left on device", "RUN/normalize.partial/fa.txt"), "RUN/normalize.partial/fa.txt: No space left on device"),
+    # torch.onnx's exporter wraps what onnx.save raised; safetensors (Rust) says it in its own words.
+    (RuntimeError("export failed"), "a/b: Read-only file system"),
+    (Exception("Error while serializing: No space left on device (os error 28)"), "No space left on device (os error 28)"),
+])
+def test_a_failing_machine_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, error, line):
+    """A full disk, a read-only folder, a file size limit: every stage used to end in a Python traceback."""
+    from sokhan.pipeline import stage as stage_mod
+
+    if str(error) == "export failed":
+        try:
+            raise OSError(30, "Read-only file system", "a/b")
+        except OSError as cause:
+            error.__cause__ = cause
+
+    def fail(name, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(stage_mod, "run_stage", fail)
+    assert main(["run", "sample", "--run-dir", str(tmp_path / "run"), "--stages", "normalize"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sokhan: error: {line}; finished stages are kept"]
+
+
+def test_a_bug_still_shows_its_traceback(tmp_path, monkeypatch):
+    from sokhan.pipeline import stage as stage_mod
+
+    def fail(name, *args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(stage_mod, "run_stage", fail)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["run", "sample", "--run-dir", str(tmp_path / "run"), "--stages", "normalize"])
+
+
+def test_ctrl_c_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sokhan.pipeline.cli.build_parser", interrupted)
+    assert main(["status", "--run-dir", "x"]) == 130
+    assert capsys.readouterr().err.strip() == "sokhan: interrupted"
+
+
+def test_a_command_with_nothing_to_do_writes_nothing(tmp_path, monkeypatch):
+    """On a full disk, `sokhan run` of a finished run failed writing config.json (unchanged) and left a temporary."""
+    from sokhan.pipeline import stage as stage_mod
+
+    run = tmp_path / "run"
+    assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize"]) == 0
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stage_mod, "atomic_write", full)
+    assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize"]) == 0
+    assert sorted(p.name for p in run.iterdir()) == [".sokhan.lock", "config.json", "normalize"]
+
+
+def test_a_run_dir_that_is_a_file_is_named(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["run", "sample", "--run-dir", str(afile), "--stages", "normalize"]) == 2
+    assert capsys.readouterr().err.strip() == f"sokhan: error: {afile}: is a file, not a run directory"

@@ -1,8 +1,10 @@
-"""torchrun data parallelism: 2 gloo processes on CPU end where 1 process on the doubled batch ends."""
+"""torchrun data parallelism: 2 gloo processes on CPU end where 1 process on the doubled batch ends; a rank that
+fails does not leave the others waiting."""
 
 from __future__ import annotations
 
 import json
+import errno
 import os
 import shutil
 import subprocess
@@ -11,8 +13,10 @@ import sys
 import pytest
 from tiny_run import ONE_THREAD_ENV, make_tiny_run, tiny_config
 
+from sokhan import SokhanError
 from sokhan.pipeline.stage import run_stage, save_run_config
 from sokhan.pipeline.train import checkpoint as ckpt
+from sokhan.pipeline.train import ddp
 
 STEPS = 6
 COMMON = [f"train.steps={STEPS}", "train.seq_len=16", "train.ckpt_every=3", "train.eval_every=3", "train.grad_accum=2"]
@@ -28,9 +32,7 @@ def test_two_gloo_processes_match_one_process_on_the_doubled_batch(tmp_path):
 
     multi = shutil.copytree(base, tmp_path / "multi")
     save_run_config(multi, tiny_config(*COMMON, "train.batch_size=2"))
-    env = {**os.environ, **ONE_THREAD_ENV}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = _two_processes_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "sokhan", "train", "--run-dir", str(multi)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -55,3 +57,86 @@ def test_two_gloo_processes_match_one_process_on_the_doubled_batch(tmp_path):
     la = [json.loads(x)["loss"] for x in (single / "train" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lb == pytest.approx(la, rel=1e-5)
+
+
+def _two_processes_env():
+    env = {**os.environ, **ONE_THREAD_ENV}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_teardown_meets_the_other_ranks_only_after_a_success(monkeypatch, ok):
+    """A failed rank waited at the barrier while its peer waited in the backward all-reduce: forever."""
+    calls = []
+    monkeypatch.setattr(ddp.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ddp.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(ddp.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    ddp.teardown(ddp.World(rank=0, local_rank=0, size=2), ok=ok)
+    assert calls == (["barrier", "destroy"] if ok else [])
+
+
+def test_the_loop_tells_teardown_whether_it_failed(tmp_path, monkeypatch):
+    run = make_tiny_run(tmp_path)
+    run_stage("embed", tiny_config(), run)
+    seen = []
+    monkeypatch.setattr(ddp, "teardown", lambda world, ok=True: seen.append(ok))
+    run_stage("train", tiny_config("train.steps=2"), run)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
+    with pytest.raises(SokhanError, match="cannot write .*step_000002 .*No space left on device"):
+        run_stage("train", tiny_config("train.steps=2"), run, force=True)
+    assert seen == [True, False]
+
+
+# Run as a torchrun worker: rank 0's disk fills up in the middle of its first checkpoint.
+FULL_DISK = """
+import errno, os, sys
+
+from sokhan.pipeline.cli import main
+from sokhan.pipeline.train import checkpoint as ckpt
+
+real = ckpt.write_tensors
+
+
+def full(path, *args, **kwargs):
+    if os.environ["RANK"] == "0" and path.name == ckpt.STATE_TENSORS:
+        path.write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(path, *args, **kwargs)
+
+
+ckpt.write_tensors = full
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_rank_0_stops_both_processes(tmp_path):
+    run = make_tiny_run(tmp_path / "run")
+    run_stage("embed", tiny_config(), run)
+    save_run_config(run, tiny_config(*COMMON, "train.batch_size=2"))
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), "train", "--run-dir", str(run)]
+    # stderr to a file, not a pipe: after a hang, workers that outlive torchrun would hold a pipe open.
+    err_file = tmp_path / "stderr.txt"
+    with open(err_file, "w") as err_out:
+        proc = subprocess.Popen(cmd, env=_two_processes_env(), stdout=subprocess.DEVNULL, stderr=err_out)
+        try:
+            proc.wait(timeout=120)  # about 6 s; it hung forever before
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun stops its workers on SIGTERM (they run in sessions of their own)
+            proc.wait(timeout=60)
+            pytest.fail("rank 0 failed to write a checkpoint and the processes still ran after 120 s")
+    err = err_file.read_text()
+    assert proc.returncode != 0
+    assert "sokhan: error: train: cannot write" in err and "No space left on device" in err, err[-3000:]
+    checkpoints = run / "train.partial" / "checkpoints"
+    assert not [p.name for p in checkpoints.iterdir() if ".tmp" in p.name]  # the half-written folder went too
+    assert not (run / "train").exists()

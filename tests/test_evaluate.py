@@ -371,3 +371,25 @@ def test_adhoc_text_says_when_the_model_never_saw_its_language_or_lang_disagrees
     assert main(["evaluate", "--run-dir", str(run), "--text", str(fa), "--lang", "en"]) == 0
     err = capsys.readouterr().err
     assert f"--lang en for {fa}, but most of its lines are in Arabic (Persian) script; they are scored as en" in err
+
+
+def test_a_reader_that_leaves_does_not_cost_the_evaluation(tmp_path, monkeypatch):
+    """`sokhan run … | true`: the table was printed before the stage was published, so the closed pipe threw the
+    finished evaluation away (exit 0, nothing said) and put the previous config.json back."""
+    import builtins
+
+    run, config = make_run(tmp_path, "mamba")
+    save_run_config(run, config)
+    real_print = builtins.print
+
+    def closed_pipe(*args, **kwargs):
+        if kwargs.get("file") is None:  # stdout: the table
+            raise BrokenPipeError(32, "Broken pipe")
+        real_print(*args, **kwargs)
+
+    monkeypatch.setattr(builtins, "print", closed_pipe)
+    monkeypatch.setattr("os.dup2", lambda *a: None)  # main points stdout at /dev/null; not pytest's
+    assert main(["evaluate", "--run-dir", str(run), "--set", "evaluate.nextword_words=3"]) == 0
+    manifest = json.loads((run / "evaluate" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["config"]["evaluate"]["nextword_words"] == 3
+    assert json.loads((run / "config.json").read_text(encoding="utf-8"))["evaluate"]["nextword_words"] == 3

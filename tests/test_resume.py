@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import json
 import os
 import shutil
@@ -176,3 +179,63 @@ def test_resuming_with_another_process_count_says_it_will_not_repeat(base, tmp_p
     capsys.readouterr()
     run_stage("train", cfg, run)
     assert "the interrupted run had 2 process(es), this one has 1" in capsys.readouterr().err
+
+
+def test_a_resumed_run_does_not_publish_an_earlier_process_s_temporaries(base, tmp_path, monkeypatch):
+    """A process that died writing left .step_000020.tmp16023/ and .best.tmp16023/; the resumed run (another pid)
+    published them in RUN/train/checkpoints and listed them in the manifest."""
+    cfg = tiny_config("train.steps=6", "train.ckpt_every=2", "train.eval_every=3")
+    run = _copy(base, tmp_path / "killed")
+    _interrupt_after_checkpoint(run, cfg, 4, monkeypatch)
+    partial = run / "train.partial"
+    for dead in (".step_000006.tmp1", ".best.tmp1"):
+        (partial / "checkpoints" / dead).mkdir()
+        (partial / "checkpoints" / dead / ckpt.MODEL_FILE).write_bytes(b"half a file")
+    (partial / ".metrics.jsonl.tmp1").write_text("half a file")
+
+    manifest = run_stage("train", cfg, run)
+    assert manifest["metrics"]["resumed_from_step"] == 4
+    assert not [p for p in (run / "train").rglob("*") if ".tmp" in p.name]
+    listed = json.loads((run / "train" / "manifest.json").read_text())["outputs"]
+    assert not [name for name in listed if ".tmp" in name]
+
+
+def _full_disk_for(name, monkeypatch):
+    """Every file whose name holds ``name`` opened for writing gets half of what is written to it, then ENOSPC."""
+    real_open = builtins.open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, (str, os.PathLike)) and name in os.fspath(file) and "w" in mode:
+            real_write = f.write
+
+            def write(data):
+                real_write(data[: len(data) // 2])
+                f.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            f.write = write
+        return f
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    monkeypatch.setattr(io, "open", failing_open)  # pathlib opens through io.open
+
+
+def test_a_failed_rewrite_of_the_metrics_on_resume_loses_no_records(base, tmp_path, monkeypatch):
+    """Resuming rewrites metrics.jsonl up to the checkpoint's step; rewritten in place, a full disk cut it short and
+    the published file began at step 11."""
+    cfg = tiny_config("train.steps=10", "train.ckpt_every=2", "train.eval_every=3")
+    run_stage("train", cfg, _copy(base, tmp_path / "whole"))
+    run = _copy(base, tmp_path / "killed")
+    _interrupt_after_checkpoint(run, cfg, 4, monkeypatch)
+    metrics = run / "train.partial" / "metrics.jsonl"
+    before = metrics.read_bytes()
+    assert [r["step"] for r in _records(run / "train.partial")] == [1, 2, 3, 4]
+
+    with monkeypatch.context() as m:
+        _full_disk_for("metrics.jsonl", m)
+        with pytest.raises(OSError, match="No space left"):
+            run_stage("train", cfg, run)
+    assert metrics.read_bytes() == before
+    run_stage("train", cfg, run)
+    _assert_same_run(tmp_path / "whole" / "train", run / "train")

@@ -475,27 +475,45 @@ def test_bad_state_dtype_in_config_is_one_line(bundle, tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["generate", "--prompt", "i saw", "--temperature", "nan"], "temperature = nan must be a finite number >= 0"),
-        (["generate", "--prompt", "i saw", "--temperature", "-1"], "temperature = -1.0 must be a finite number >= 0"),
-        (["generate", "--prompt", "i saw", "--temperature", "1", "--seed", "-1"], "seed = -1 must be >= 0"),
         (["generate", "--prompt", ""], "empty prompt '': give at least one character"),
         (["predict", "   "], "empty prompt '   ': give at least one character"),
-        (["predict", "-k", "0", "i saw"], "k = 0 must be >= 1"),
         # A byte that is not UTF-8 comes into argv as a lone surrogate; it was dropped without a word.
         (["predict", "i saw \udcff"], "the text is not valid UTF-8 (at character 7)"),
         (["generate", "--prompt", "\udcfe\udcff"], "--prompt is not valid UTF-8 (at character 1)"),
     ],
-    ids=["temperature-nan", "temperature-negative", "seed-negative", "empty-prompt", "blank-prompt", "k-zero",
-         "not-utf8-text", "not-utf8-prompt"],
+    ids=["empty-prompt", "blank-prompt", "not-utf8-text", "not-utf8-prompt"],
 )
 def test_bad_generation_arguments_exit_2_in_one_line(bundle, capsys, argv, message):
-    """Each was a numpy/ValueError traceback (nan temperature, negative seed, k = 0) or, for an empty prompt, a
-    silent prediction from the language tag alone."""
+    """An empty prompt was a silent prediction from the language tag alone; a byte that is not UTF-8 was dropped."""
     from sokhan.pipeline.cli import main
 
     assert main([argv[0], "--bundle", str(bundle), "--provider", "cpu", *argv[1:]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sokhan: error:") and message in err[0], err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["generate", "--prompt", "i saw", "--temperature", "nan"], "argument --temperature: nan must be a finite number ≥ 0 (0 = greedy)"),
+        (["generate", "--prompt", "i saw", "--temperature", "-1"], "argument --temperature: -1 must be a finite number ≥ 0 (0 = greedy)"),
+        (["generate", "--prompt", "i saw", "--temperature", "1", "--seed", "-1"], "argument --seed: -1 must be ≥ 0"),
+        (["generate", "--prompt", "i saw", "--top-k", "0"], "argument --top-k: 0 must be ≥ 1"),
+        (["generate", "--prompt", "i saw", "--max-new-tokens", "-2"], "argument --max-new-tokens: -2 must be ≥ 0"),
+        (["predict", "-k", "0", "i saw"], "argument -k: 0 must be ≥ 1"),
+        (["predict", "-k", "two", "i saw"], "argument -k: 'two' is not an integer"),
+    ],
+    ids=["temperature-nan", "temperature-negative", "seed-negative", "top-k-zero", "max-new-tokens-negative",
+         "k-zero", "k-word"],
+)
+def test_bad_generation_options_are_refused_naming_the_flag(bundle, capsys, argv, message):
+    """These were numpy/ValueError tracebacks once, then messages naming the Python API's parameters (`k = 0`)."""
+    from sokhan.pipeline.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([argv[0], "--bundle", str(bundle), "--provider", "cpu", *argv[1:]])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
 
 
 def test_prompt_outside_the_training_languages_warns_once(bundle, tmp_path, capsys):
@@ -558,3 +576,33 @@ def test_chinese_next_word_is_not_cut_where_jieba_cuts_a_partial_word():
     assert short == {"织田": pytest.approx(1.0)}
     mid = dict(next_words(step, [""], logits_for(""), tok, take=take, k=5, beam=4, lang="zh", max_tokens=3))
     assert mid == {"织田": pytest.approx(1.0)}  # 织田信长 unfinished at the limit: still counted, as 织田
+
+
+def test_an_onnxruntime_too_old_for_the_graphs_is_refused_in_one_line(bundle, monkeypatch):
+    """pip enforces the lower bound, but not beside a `--no-deps` install: 1.27 computed the transformer's int8 KV
+    cache wrong at batch 2 and 1.24–1.27 could not load the float16 graphs (benchmarks/ort_compat.py)."""
+    import onnxruntime as ort
+
+    from sokhan.export import runtime
+
+    for ok in ("1.28.0", "1.31.1", "1.30.0.dev20260101", "2.0.0"):
+        runtime.check_version(ok)
+    monkeypatch.setattr(ort, "__version__", "1.27.0")
+    with pytest.raises(SokhanError, match=r"^onnxruntime 1.27.0 is older than 1.28, .* pip install 'onnxruntime>=1.28'") as e:
+        Decoder(bundle, provider="cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_persian_in_and_out_under_an_ascii_locale(bundle):
+    """With a locale that is not UTF-8, Python decodes argv and encodes stdout with it: a Persian prompt was refused
+    as not UTF-8 (ASCII locale) or read as Latin mojibake (Latin-1), and printing Persian words was a
+    UnicodeEncodeError traceback. The bytes the terminal sent are the text, and the output is UTF-8."""
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    prompt = "در جنگل یک".encode("utf-8")
+    for argv in ([b"predict", b"--bundle", bytes(bundle), b"--provider", b"cpu", b"-k", b"3", prompt],
+                 [b"generate", b"--bundle", bytes(bundle), b"--provider", b"cpu", b"--max-new-tokens", b"3", b"--prompt", prompt]):
+        proc = subprocess.run([sys.executable.encode(), b"-m", b"sokhan", *argv], capture_output=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")  # predict: accepted, not "not UTF-8"
+        if argv[0] == b"generate":  # the prompt as the model read it, then the continuation: UTF-8
+            assert proc.stdout.decode("utf-8").startswith("در جنگل یک")

@@ -238,3 +238,72 @@ def test_versions_reads_the_installed_version_of_a_module_without_one(monkeypatc
 
     monkeypatch.setitem(sys.modules, "hazm", types.ModuleType("hazm"))  # imported, no __version__, as hazm is
     assert versions()["hazm"] == importlib.metadata.version("hazm")
+
+
+def test_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    p = tmp_path / "f.json"
+    stage_mod.write_json(p, {"a": 1})
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        stage_mod.write_json(p, {"a": 2})
+    assert json.loads(p.read_text()) == {"a": 1}
+    assert [x.name for x in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_finished_work_that_cannot_be_published_is_resumed_not_discarded(stages, monkeypatch, capsys):
+    """A full disk when the manifest was written used to leave a finished training run without its stamps:
+    `status` called it another config's work, `run` deleted it and trained again, `--resume` deleted it too."""
+    cfg = load_config("sample")
+    seen = []
+
+    def work(ctx):
+        seen.append(ctx.resumed)
+        (ctx.out / "model.bin").write_text("weights")
+        return {}
+
+    stages.mods["up"].run = work
+    stages.mods["up"].RESUMABLE = True
+    real = stage_mod.write_json
+
+    def full_once(path, obj):
+        if Path(path).name == "manifest.json" and len(seen) == 1:
+            raise OSError(28, "No space left on device")
+        real(path, obj)
+
+    monkeypatch.setattr(stage_mod, "write_json", full_once)
+    with pytest.raises(OSError):
+        stage_mod.run_stage("up", cfg, stages.run)
+    partial = stages.run / "up.partial"
+    assert (partial / "model.bin").exists() and (partial / ".fingerprint").exists()
+    man = stage_mod.run_stage("up", cfg, stages.run, args=types.SimpleNamespace(resume=True))
+    assert seen == [False, True]
+    assert set(man["outputs"]) == {"model.bin"}  # the stamps are not outputs
+    assert sorted(p.name for p in (stages.run / "up").iterdir()) == ["manifest.json", "model.bin"]
+
+
+def test_resume_flag_never_deletes_a_partial_without_stamps(stages):
+    partial = _interrupted_resumable(stages, load_config("sample"))
+    (partial / ".fingerprint").unlink()
+    (partial / ".fingerprint.json").unlink()
+    with pytest.raises(SokhanError, match="nothing was deleted"):
+        stage_mod.run_stage("up", load_config("sample"), stages.run, args=types.SimpleNamespace(resume=True))
+    assert (partial / "progress.txt").read_text() == "step 1"
+
+
+def test_an_output_folder_that_refuses_writes_is_named_before_the_work(tmp_path, monkeypatch):
+    """`synth --out` on a read-only folder trained every model first and failed writing the results."""
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(SokhanError, match=r"^--out .*: cannot write into this folder \(Read-only file system\)$"):
+        stage_mod.ensure_dir(tmp_path / "out", "--out")

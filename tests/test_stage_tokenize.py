@@ -241,3 +241,20 @@ def test_a_damaged_meta_json_is_named_in_one_line(tmp_path, edit):
     (tmp_path / "meta.json").write_text(json.dumps(good))
     with pytest.raises(SokhanError, match=r"meta.json: field '\w+' is missing or malformed .*sokhan tokenize --force"):
         read_meta(tmp_path)
+
+
+def test_a_one_language_corpus_is_learned_unweighted(tmp_path, capsys):
+    """With Chinese alone, the default zh = 2 repeated every line: each piece seen once passed min_frequency = 2.
+    Weights share the vocabulary out between languages, so one language is learned as it is, whatever its weight."""
+    from sokhan.pipeline.cli import main
+
+    corpus = Path(__file__).resolve().parents[1] / "data" / "sample" / "zh.txt"
+    vocabs = []
+    for weight in ("2.0", "1.0", "0.5"):
+        run = tmp_path / f"run{weight}"
+        assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize,tokenize",
+                     "--set", f'corpus.paths=[{{path = "{corpus}", lang = "zh"}}]', "--set", "tokenize.vocab_size=600",
+                     "--set", f"tokenize.lang_weights={{zh = {weight}}}"]) == 0
+        assert "language weights" not in capsys.readouterr().err
+        vocabs.append((run / "tokenize" / "tokenizer.json").read_bytes())
+    assert vocabs[0] == vocabs[1] == vocabs[2]

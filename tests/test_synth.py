@@ -91,3 +91,19 @@ def test_out_that_is_a_file_fails_before_training(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["synth", "--steps", "100000", "--out", str(tmp_path / "f")]) == 2
     assert f"--out {tmp_path / 'f'}: is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_long_training_logs_a_bounded_number_of_lines(capsys):
+    """A line every 50 steps gave --steps 100000 two thousand lines; now every tenth of the run and the last step."""
+    import torch
+
+    cfg = synth.SynthConfig(seq_len=8, n_data=1, n_symbols=4, steps=2005, batch_size=2, eval_examples=4)
+    vocab = synth._vocab("selective_copying", cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as train_one does: 10x faster for a model this small
+    try:
+        synth._train("selective_copying", "mamba", cfg, torch.nn.Embedding(vocab, vocab))  # a cheap stand-in model
+    finally:
+        torch.set_num_threads(threads)
+    steps = [line.split(" step ")[1].split()[0] for line in capsys.readouterr().err.splitlines() if " step " in line]
+    assert steps == [f"{n}/2005" for n in (201, 402, 603, 804, 1005, 1206, 1407, 1608, 1809, 2005)]

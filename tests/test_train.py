@@ -252,3 +252,53 @@ def test_unigram_val_loss_counts_in_chunks(monkeypatch):
     want = -np.log(counts / counts.sum())[val.astype(np.int64)].mean()
     monkeypatch.setattr(loop, "_COUNT_CHUNK", 7)  # many chunks, the last one short
     assert loop.unigram_val_loss(train, val, 64) == pytest.approx(want, rel=1e-12)
+
+
+def test_a_held_out_shard_too_short_for_one_window_names_val_fraction(tmp_path):
+    run = make_tiny_run(tmp_path, val_lines=2)
+    meta = json.loads((run / "tokenize" / "meta.json").read_text())
+    n_val = (run / "tokenize" / "val.bin").stat().st_size // np.dtype(meta["dtype"]).itemsize
+    cfg = tiny_config(f"train.seq_len={n_val}", "train.steps=1")
+    run_stage("embed", cfg, run)
+    with pytest.raises(SokhanError, match=rf"val.bin: {n_val} tokens, .* raise tokenize.val_fraction"):
+        run_stage("train", cfg, run)
+
+
+EVAL_LINE = r"\[sokhan\] train: step (\d+)/10  loss \d+\.\d{3}  val \d+\.\d{3}  [\d.e+-]+ m?s/step  eta \d+(s|m|h\d\dm)$"
+
+
+def test_without_a_progress_bar_each_evaluation_is_logged(tmp_path, capsys):
+    """stderr to a log file: no bar, and a 30-minute run used to say nothing between 'running' and 'done'."""
+    import re
+
+    run = make_tiny_run(tmp_path)
+    cfg = tiny_config("train.steps=10", "train.eval_every=3", "train.ckpt_every=5")
+    run_stage("embed", cfg, run)
+    capsys.readouterr()
+    run_stage("train", cfg, run)  # captured stderr is no terminal (and SOKHAN_PROGRESS=0): the bar is off
+    lines = [m for line in capsys.readouterr().err.splitlines() if (m := re.match(EVAL_LINE, line))]
+    assert [int(m.group(1)) for m in lines] == [3, 6, 9, 10]
+
+
+def test_with_a_progress_bar_evaluations_go_to_the_bar_not_to_lines(tmp_path, capsys, monkeypatch):
+    from tqdm.auto import tqdm
+
+    bars = []
+
+    def shown(**kwargs):  # as on a terminal
+        bars.append(tqdm(disable=False, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(loop, "progress", shown)
+    run = make_tiny_run(tmp_path)
+    cfg = tiny_config("train.steps=10", "train.eval_every=3", "train.ckpt_every=5")
+    run_stage("embed", cfg, run)
+    capsys.readouterr()
+    run_stage("train", cfg, run)
+    assert "train: step" not in capsys.readouterr().err
+    assert bars[0].postfix.startswith("loss=") and "val=" in bars[0].postfix
+
+
+def test_eta_reads_in_seconds_minutes_or_hours():
+    seconds = (0.4, 42, 59.6, 35 * 60 + 10, 2 * 3600 + 5 * 60)
+    assert [loop._duration(s) for s in seconds] == ["0s", "42s", "1m", "35m", "2h05m"]

@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", action="append", type=Path, default=[], metavar="FILE",
                         help="evaluate on this UTF-8 file instead of the held-out split (repeatable); prints, writes nothing")
     parser.add_argument("--lang", action="append", choices=LANGS, default=[],
-                        help="language of the matching --text (default: detected per line)")
+                        help="language of the --text files, one per --text in the same order (default: detected per line)")
     parser.add_argument("--bundle", type=Path, default=None,
                         help="also run this exported bundle through ONNX Runtime and report its agreement with PyTorch")
     parser.add_argument("--graph", default="decoder.onnx",
@@ -118,7 +118,6 @@ def run(ctx) -> dict:
     report = evaluate(ctx.config.evaluate, ctx.upstream("tokenize"), ctx.upstream("train"))
     write_json(ctx.out / "report.json", report)
     atomic_write(ctx.out / "report.md", markdown(report))
-    _print_report(report, ctx.args)
     return {
         lang: {
             "bits_per_character": r["model"]["bits_per_character"],
@@ -130,8 +129,8 @@ def run(ctx) -> dict:
     }
 
 
-def skipped(out: Path, args: argparse.Namespace) -> None:
-    """Up to date: the stored report, as the stage would have printed it."""
+def show(out: Path, args: argparse.Namespace) -> None:
+    """The published report, on stdout: a table, or JSON with ``--json`` (after the stage ran, or skipped)."""
     from sokhan.pipeline.stage import read_json
 
     _print_report(read_json(out / "report.json"), args)

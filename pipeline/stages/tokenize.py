@@ -93,7 +93,8 @@ class TokenizeConfig:
     0.12M) weights of 1 leave Chinese 3090 of 8000 tokens and 1.193 held-out characters per token, under
     SentencePiece's 1.221; zh = 2 gives it 3911 tokens and 1.234 while Persian keeps 3.136 (SentencePiece 3.098).
     Weights by corpus size (p ∝ n^α, as in XLM-R) lift the tiny English corpus most and there miss Chinese (α =
-    0.5: zh 1.219). Training time grows with the weights' sum."""
+    0.5: zh 1.219). Training time grows with the weights' sum. A corpus of one language is learned as it is:
+    weighting it alone would share nothing out, only repeat or drop its lines."""
 
     def __post_init__(self) -> None:
         if self.vocab_size < 300:
@@ -329,12 +330,16 @@ def run(ctx) -> dict:
                 for val, joined in zip(held_out[lang], pieces):
                     (va if val else tr).write(joined + "\n")
 
+        # Weights share one vocabulary out between languages. Alone, a language's weight would only repeat its
+        # lines (every piece seen once passing min_frequency = 2 at zh = 2, the default) or drop some of them.
+        weight = {lang: cfg.lang_weights.get(lang, 1.0) if len(langs) > 1 else 1.0 for lang in langs}
+
         def training_pieces():
             for lang in langs:
-                yield from weighted_lines(map(_pieces, _read_lines(scratch / f"{lang}.train")), cfg.lang_weights.get(lang, 1.0))
+                yield from weighted_lines(map(_pieces, _read_lines(scratch / f"{lang}.train")), weight[lang])
 
-        weights = ", ".join(f"{lang} {cfg.lang_weights.get(lang, 1.0):g}" for lang in langs)
-        log(f"tokenize: training {cfg.model} with vocabulary {cfg.vocab_size} (language weights {weights})")
+        weights = ", ".join(f"{lang} {weight[lang]:g}" for lang in langs)
+        log(f"tokenize: training {cfg.model} with vocabulary {cfg.vocab_size}" + (f" (language weights {weights})" if len(langs) > 1 else ""))
         length = sum(math.floor(int((~held_out[lang]).sum()) * cfg.lang_weights.get(lang, 1.0)) for lang in langs)
         tok = Tokenizer.train(
             progress(training_pieces(), total=length, desc="tokenizer: count pieces", unit=" lines"), cfg.vocab_size,

@@ -8,7 +8,8 @@ A checkpoint is a folder::
     trainer_state.json         step, schedule, optimizer hyper-parameters, python/numpy RNG, data position, best val
 
 The trained model folder ``RUN/train/`` has the first two files, so ``load_model`` reads both.
-Folders are written under a temporary name and renamed, so a killed run leaves whole checkpoints or none.
+Folders are written under a temporary name and renamed, so a killed run leaves whole checkpoints or none; a failed
+write removes its temporary folder, and the next run removes what a killed one left (``remove_leftovers``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ CONFIG_FILE = "config.json"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+# What an interrupted write leaves: ".<name>.tmp<pid>" (write_folder, write_tensors, atomic_write),
+# ".<stem>.tmp<pid><suffix>" (plotting.save) and ".<name>.old<pid>" (write_folder's replaced folder).
+LEFTOVER = re.compile(r"^\..+\.(tmp|old)\d+(\.\w+)?$")
 TIED_KEY = "sokhan.tied"  # safetensors metadata: JSON {alias: stored name} for parameters shared between modules
 
 
@@ -65,8 +69,12 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: no half-written sibling left beside the file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
@@ -219,12 +227,38 @@ def write_folder(final: Path, write) -> None:
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        # Most often a full disk: the half-written folder would hold space exactly when there is none, and no later
+        # process (another pid) would ever remove it.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = final.with_name(f".{final.name}.old{os.getpid()}")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete what killed or failed writes left directly in ``folder`` (temporary files and folders), so that they are
+    not published with it. Only for a folder no other process writes into (the run directory is locked; under
+    torchrun only rank 0 writes): another writer's temporaries would go too."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in sorted(folder.iterdir()):
+        m = LEFTOVER.match(p.name)
+        if not m:
+            continue
+        final = folder / p.name[1 : m.start(1) - 1]
+        if m.group(1) == "old" and p.is_dir() and not final.exists():
+            os.replace(p, final)  # killed between write_folder's two renames: the old folder is whole, and the only one
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def save_model_folder(folder: Path, model: nn.Module, run_config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:

@@ -20,8 +20,9 @@ import torch
 from sokhan import SokhanError
 
 
-def open_shard(path: Path, dtype: str, min_tokens: int) -> np.memmap:
-    """The shard as a read-only 1-D memmap; a SokhanError if it is missing or shorter than ``min_tokens``."""
+def open_shard(path: Path, dtype: str, min_tokens: int, remedy: str = "lower train.seq_len or add text") -> np.memmap:
+    """The shard as a read-only 1-D memmap; a SokhanError if it is missing or shorter than ``min_tokens`` (one
+    window of train.seq_len + 1), ending with ``remedy``."""
     path = Path(path)
     if not path.exists():
         raise SokhanError(f"{path}: no such token shard; run `sokhan tokenize` first")
@@ -35,7 +36,7 @@ def open_shard(path: Path, dtype: str, min_tokens: int) -> np.memmap:
     n = size // itemsize
     if n < min_tokens:
         raise SokhanError(
-            f"{path}: {n} tokens, fewer than one training window of train.seq_len + 1 = {min_tokens}; lower train.seq_len or add text"
+            f"{path}: {n} tokens, fewer than one window of train.seq_len + 1 = {min_tokens}; {remedy}"
         )
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 

@@ -51,10 +51,15 @@ def setup(device: torch.device) -> World:
     return world
 
 
-def teardown(world: World) -> None:
+def teardown(world: World, ok: bool = True) -> None:
     """Leave the process group together: a rank that destroys its gloo pairs while a peer still uses them
-    aborts that peer ("terminate called without an active exception", about one run in six here)."""
-    if world.distributed and dist.is_initialized():
+    aborts that peer ("terminate called without an active exception", about one run in six here).
+
+    ``ok = False`` (this rank failed) skips both: its peers are in some other collective (the backward all-reduce)
+    and would never meet it at the barrier, and destroying a group whose peers are mid-collective can block too.
+    The rank just exits with its error; torchrun sees it and stops the others.
+    """
+    if ok and world.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 

@@ -154,11 +154,15 @@ def train(
     """
     out = Path(out)
     world = ddp.setup(torch.device("cuda") if cfg.device != "cpu" and torch.cuda.is_available() else torch.device("cpu"))
+    ok = False
     try:
         device = resolve_device(cfg.device, world)
-        return _train(cfg, model_cfg, run_config, Path(tokenize_dir), embeddings, out, resume, world, device)
+        summary = _train(cfg, model_cfg, run_config, Path(tokenize_dir), embeddings, out, resume, world, device)
+        ok = True
+        return summary
     finally:
-        ddp.teardown(world)
+        # A failed rank must not wait at teardown's barrier: its peers are stuck in the next all-reduce instead.
+        ddp.teardown(world, ok=ok)
 
 
 def _diverged(what: str, step: int, root: Path, cfg) -> SokhanError:
@@ -166,6 +170,26 @@ def _diverged(what: str, step: int, root: Path, cfg) -> SokhanError:
     good = ckpt.checkpoints(root)
     where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written before it"
     return SokhanError(f"train: {what} at step {step}; stopped ({where}). Lower train.lr (now {cfg.lr}) or raise train.warmup_steps")
+
+
+@contextlib.contextmanager
+def _writing(what: Path, root: Path):
+    """An OSError while writing a checkpoint (a full disk, most often) as one line saying what the run keeps."""
+    try:
+        yield
+    except OSError as e:
+        good = ckpt.checkpoints(root)
+        keeps = f"rerun to resume from {good[-1][1]}" if good else "no checkpoint was written before it"
+        raise SokhanError(f"train: cannot write {what} ({e.strerror or e}); {keeps}") from None
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``35m``, ``2h05m``: an ETA to the minute, seconds only under one."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes = round(seconds / 60)
+    return f"{minutes}m" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def _load_newest_readable(found: list[tuple[int, Path]], model, optimizer) -> dict[str, Any]:
@@ -194,7 +218,8 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
 
     meta = read_meta(tokenize_dir)
     train_shard = open_shard(tokenize_dir / "train.bin", meta["dtype"], cfg.seq_len + 1)
-    val_shard = open_shard(tokenize_dir / "val.bin", meta["dtype"], cfg.seq_len + 1)
+    val_shard = open_shard(tokenize_dir / "val.bin", meta["dtype"], cfg.seq_len + 1,
+                           "raise tokenize.val_fraction, lower train.seq_len or add text")
 
     top = int(max(train_shard.max(), val_shard.max()))
     if top >= model_cfg.vocab_size:
@@ -215,6 +240,9 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
     val_batches = validation_batches(val_shard, cfg.batch_size, cfg.seq_len, cfg.eval_batches, cfg.seed + VALIDATION_SEED_OFFSET)
 
     root = out / "checkpoints"
+    if world.main:  # the run directory is locked and only rank 0 writes: any temporary here is a dead write's
+        ckpt.remove_leftovers(out)
+        ckpt.remove_leftovers(root)
     found = ckpt.checkpoints(root) if (resume and world.main) else []
     state = _load_newest_readable(found, model, optimizer) if found else None
     start = ddp.broadcast_int(state["step"] if state else 0, world, device)
@@ -240,8 +268,8 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
 
     metrics_path = out / METRICS
     records = _read_metrics(metrics_path, start) if world.main else []
-    if world.main:
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    if world.main:  # atomically: a failed rewrite in place would lose the records before the checkpoint
+        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
     unigram = unigram_val_loss(train_shard, val_shard, model_cfg.vocab_size) if world.main else None
 
     def trainer_state(step: int, lr: float) -> dict[str, Any]:
@@ -255,6 +283,9 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
         }
 
     bar = progress(total=cfg.steps, initial=start, desc=f"train {model_cfg.arch}") if world.main else None
+    # Without a bar (stderr not a terminal: a log file) each evaluation gets a line instead, or a long run says nothing.
+    log_evals = bar is not None and bar.disable
+    postfix = {}
     model.train()
     last = {}
     t_start = time.perf_counter()
@@ -295,15 +326,23 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
                     raise _diverged(f"validation loss is {rec['val_loss']}", step, root, cfg)
                 if rec["val_loss"] < best_val:
                     best_val, best_step = rec["val_loss"], step
-                    ckpt.save_model_folder(root / "best", model, run_config, {"step": step, "val_loss": best_val})
+                    with _writing(root / "best", root):
+                        ckpt.save_model_folder(root / "best", model, run_config, {"step": step, "val_loss": best_val})
+                postfix["val"] = f"{rec['val_loss']:.3f}"
+                if log_evals:
+                    per_step = (time.perf_counter() - t_start) / (step - start)  # evaluations and checkpoints included
+                    pace = f"{per_step:.3g} s/step" if per_step >= 1 else f"{per_step * 1e3:.3g} ms/step"
+                    log(f"train: step {step}/{cfg.steps}  loss {loss_value:.3f}  val {rec['val_loss']:.3f}  "
+                        f"{pace}  eta {_duration(per_step * (cfg.steps - step))}")
             if world.main:
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
                 records.append(rec)
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}", **postfix, tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
             if world.main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-                ckpt.save_checkpoint(root, step, model, optimizer, run_config, trainer_state(step, lr), cfg.keep_last)
+                with _writing(ckpt.step_dir(root, step), root):
+                    ckpt.save_checkpoint(root, step, model, optimizer, run_config, trainer_state(step, lr), cfg.keep_last)
             last = rec
     if bar is not None:
         bar.close()
