@@ -21,6 +21,8 @@ probability > 0.
 
 from __future__ import annotations
 
+import bisect
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +63,7 @@ def _lookup(keys: np.ndarray, want: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """Row of each ``want`` in sorted ``keys`` where ``ok`` and present, else -1."""
     if len(keys) == 0:
         return np.full(len(want), -1, np.int64)
-    pos = np.searchsorted(keys, want).clip(max=len(keys) - 1)
+    pos = np.minimum(np.searchsorted(keys, want), len(keys) - 1)  # (ndarray.clip is slow in numpy 1.24)
     return np.where(ok & (keys[pos] == want), pos, -1).astype(np.int64)
 
 
@@ -158,20 +160,36 @@ class KneserNey:
             s, e = o.ctx_start[c], o.ctx_start[c + 1]
             cnt = o.counts[s:e]
             words = o.words[s:e]
-            disc = o.discounts[cnt.clip(max=3)]
+            disc = o.discounts[np.minimum(cnt, 3)]
             p *= o.ctx_gamma[c]
             p[words] += np.maximum(cnt - disc, 0.0) / o.ctx_total[c]
         return p
 
+    def _row(self, gram: list[int]) -> int:
+        """Row of the n-gram ``gram`` in order len(gram)'s table, or -1: its prefixes looked up one by one, as
+        ``fit`` keyed them (a k-gram's key is its (k-1)-gram prefix's row · V + its last token)."""
+        row = -1
+        for k, w in enumerate(gram, start=1):
+            if not 0 <= w < self.vocab_size:
+                return -1
+            keys = self.orders[k - 1].keys
+            key = w if k == 1 else row * self.vocab_size + w
+            row = bisect.bisect_left(keys, key)
+            if row == len(keys) or keys[row] != key:
+                return -1
+        return row
+
     def distribution(self, context) -> np.ndarray:
-        """P(w | context) for every w: (V,) float64. Only the last order-1 tokens of ``context`` matter."""
-        ctx = np.asarray(list(context)[-(self.order - 1) :] if self.order > 1 else [], dtype=np.int64)
+        """P(w | context) for every w: (V,) float64. Only the last order-1 tokens of ``context`` matter.
+
+        The next-word search calls this for every hypothesis it extends (tens of thousands of times per
+        evaluation) with a context of at most order-1 tokens: scalar lookups, where ``score``'s vectorized
+        ``_context_ids`` spent most of a call on numpy's per-call overhead."""
+        ctx = [int(x) for x in list(context)[-(self.order - 1) :]] if self.order > 1 else []
         rows = [-1] * (self.order - 1)
-        if len(ctx):
-            ends = self._context_ids(ctx)
-            # The j-gram that ends at the context's last token is the order-(j+1) context.
-            for j in range(1, min(len(ctx), self.order - 1) + 1):
-                rows[j - 1] = int(ends[j - 1][-1])
+        # The j-gram that ends at the context's last token is the order-(j+1) context.
+        for j in range(1, len(ctx) + 1):
+            rows[j - 1] = self._row(ctx[len(ctx) - j :])
         return self._dense(rows)
 
     def score(self, tokens: np.ndarray, positions: np.ndarray, topk: int = 5) -> tuple[np.ndarray, np.ndarray]:
