@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
-from sokhan import SokhanError, __version__
+from sokhan import SokhanError, __version__, machine_error
 
 STAGE_HELP = {
     "normalize": "clean and unify the corpus per language (hazm, NFKC, jieba-safe width folding)",
@@ -163,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
         for name in STAGES:
             if name in names:
                 run_stage(name, config, args.run_dir, force=args.force, args=args)
-    except (KeyboardInterrupt, BrokenPipeError):  # BrokenPipe: the reader of evaluate's table left after it was published
+    except (KeyboardInterrupt, BrokenPipeError):  # BrokenPipe: stdout's reader left after evaluate published its table
         raise
     except BaseException:
         if any(kept_work(name, args.run_dir, started) for name in names):
@@ -193,26 +192,11 @@ def _interrupted(e: BaseException) -> bool:
     return False
 
 
-def _environment_error(e: BaseException) -> str | None:
-    """One line for an error of the machine rather than of sokhan (a full disk, a read-only folder, a file size
-    limit): an OSError anywhere in ``e``'s chain (libraries wrap it: torch.onnx's exporter does), or a Rust
-    library's I/O error (safetensors: "No space left on device (os error 28)"). None for anything else."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            where = f"{e.filename}: " if e.filename else ""
-            return f"{where}{e.strerror or e}"
-        match = re.search(r"[^:]*\(os error \d+\)", str(e))
-        if match:
-            return match.group(0).strip()
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
 def _utf8_output() -> None:
     """Persian and Chinese go to stdout and stderr as UTF-8 whatever the locale says (Python's own choice for the C
     locale): under a Latin-1 one, printing a Persian word or an arrow was a UnicodeEncodeError after the work."""
+    if os.environ.get("PYTHONIOENCODING"):  # the user's own choice stands
+        return
     for stream in (sys.stdout, sys.stderr):
         encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
         if encoding != "utf8" and hasattr(stream, "reconfigure"):
@@ -242,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BaseException as e:
         if not _interrupted(e):
-            problem = _environment_error(e) if isinstance(e, Exception) else None
+            problem = machine_error(e) if isinstance(e, Exception) else None
             if problem is None:
                 raise
             kept = "; finished stages are kept" if stages else ""

@@ -104,7 +104,12 @@ def progress(iterable: Iterable | None = None, **kwargs):
 
 
 def log(msg: str) -> None:
-    print(f"[sokhan] {msg}", file=sys.stderr, flush=True)
+    try:
+        print(f"[sokhan] {msg}", file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        # stderr's reader left (`2>&1 | head -1`): the log is lost, the work goes on. Failing here, midway through
+        # a stage, would drop the stage and exit 0 as if the reader had only stopped reading a finished result.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def _installed_version(dist: str) -> str | None:
@@ -316,6 +321,13 @@ def describe(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _has_work(mod, partial: Path, stamps: tuple[Path, ...]) -> bool:
+    """Whether a failed resumable stage left work to resume: what the stage says counts (``resumable_work``:
+    training's checkpoints, not its first lines of metrics), else anything besides the stamps."""
+    check = getattr(mod, "resumable_work", None)
+    return check(partial) if check else any(p not in stamps for p in partial.iterdir())
+
+
 def run_stage(
     name: str,
     config: RunConfig,
@@ -367,9 +379,14 @@ def run_stage(
                                   "deleted: run with the config it had, or without --resume to start afresh")
             log(f"{name}: discarding the interrupted run in {partial} ({why}); starting afresh")
         shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    atomic_write(stamp_inputs, json.dumps(inputs, sort_keys=True, ensure_ascii=False))
-    atomic_write(stamp, fp)
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+        atomic_write(stamp_inputs, json.dumps(inputs, sort_keys=True, ensure_ascii=False))
+        atomic_write(stamp, fp)
+    except BaseException:  # a full disk before any work: no empty partial folder left behind
+        if not resumed:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
 
     ctx = StageContext(name=name, run_dir=run_dir, config=config, out=partial, args=args or argparse.Namespace(), resumed=resumed)
     log(f"{name}: running" + (" (resuming)" if resumed else ""))
@@ -379,7 +396,7 @@ def run_stage(
     except BaseException:
         # A resumable stage keeps its work (checkpoints) for the next attempt; others, or one that failed before it
         # wrote anything, leave nothing behind.
-        if not resumable or not partial.exists() or all(p in (stamp, stamp_inputs) for p in partial.iterdir()):
+        if not resumable or not partial.exists() or not _has_work(mod, partial, (stamp, stamp_inputs)):
             shutil.rmtree(partial, ignore_errors=True)
         raise
     wall = time.time() - t0
@@ -513,7 +530,7 @@ def kept_work(name: str, run_dir: Path, since: float) -> bool:
 
 def save_run_config(run_dir: Path, config: RunConfig) -> None:
     """Write ``RUN/config.json``; unchanged, it is not written (a command with nothing to do then works on a
-    full disk or a read-only run directory)."""
+    full disk)."""
     path = Path(run_dir) / CONFIG_FILE
     text = json_text(to_dict(config))
     if path.is_file() and path.read_text(encoding="utf-8", errors="replace") == text:

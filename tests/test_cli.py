@@ -254,3 +254,42 @@ def test_a_run_dir_that_is_a_file_is_named(tmp_path, capsys):
     afile.write_text("x")
     assert main(["run", "sample", "--run-dir", str(afile), "--stages", "normalize"]) == 2
     assert capsys.readouterr().err.strip() == f"sokhan: error: {afile}: is a file, not a run directory"
+
+
+def test_only_what_the_machine_refuses_is_a_one_liner():
+    """A bug that happens while handling a missing file is a bug: its traceback stays (a reviewer's case printed
+    the missing file's name for a KeyError). A full disk, a read-only folder, a file size limit are the machine's."""
+    from sokhan import machine_error
+
+    def raised(make):
+        try:
+            make()
+        except Exception as e:  # noqa: BLE001
+            return e
+
+    def keyerror_while_handling_a_missing_file():
+        try:
+            open("/nonexistent/cache.json")
+        except FileNotFoundError:
+            {}["typo"]
+
+    def wrapped_enospc():
+        try:
+            raise OSError(28, "No space left on device", "/r/x.onnx")
+        except OSError as e:
+            raise RuntimeError("export failed") from e
+
+    def suppressed():
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise ValueError("another problem") from None
+
+    assert machine_error(raised(keyerror_while_handling_a_missing_file)) is None
+    assert machine_error(FileNotFoundError(2, "No such file or directory", "x")) is None
+    assert machine_error(raised(suppressed)) is None
+    assert machine_error(raised(wrapped_enospc)) == "/r/x.onnx: No space left on device"
+    assert machine_error(OSError(30, "Read-only file system", "/r")) == "/r: Read-only file system"
+    assert machine_error(Exception("Error while serializing: I/O error: No space left on device (os error 28)")) \
+        == "No space left on device (os error 28)"
+    assert machine_error(Exception("I/O error: No such file or directory (os error 2)")) is None

@@ -239,3 +239,30 @@ def test_a_failed_rewrite_of_the_metrics_on_resume_loses_no_records(base, tmp_pa
     assert metrics.read_bytes() == before
     run_stage("train", cfg, run)
     _assert_same_run(tmp_path / "whole" / "train", run / "train")
+
+
+def test_finished_training_that_could_not_be_published_resumes_with_its_figures(base, tmp_path, monkeypatch):
+    """A full disk when the manifest was written: the finished run is resumed (nothing left to train) and published
+    with the final losses of its last recorded step, not nulls."""
+    from sokhan.pipeline import stage as stage_mod
+
+    run = _copy(base, tmp_path / "run")
+    cfg = tiny_config("train.steps=6", "train.ckpt_every=3", "train.eval_every=3")
+    real = stage_mod.write_json
+
+    def full_once(path, obj):
+        if path.name == "manifest.json" and path.parent.name == "train.partial" and not full_once.done:
+            full_once.done = True
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, obj)
+
+    full_once.done = False
+    monkeypatch.setattr(stage_mod, "write_json", full_once)
+    with pytest.raises(OSError):
+        run_stage("train", cfg, run)
+    assert (run / "train.partial" / ".fingerprint").exists()
+    manifest = run_stage("train", cfg, run)
+    m = manifest["metrics"]
+    assert m["resumed_from_step"] == 6
+    last = _records(run / "train")[-1]
+    assert m["final_loss"] == last["loss"] and m["final_val_loss"] == last["val_loss"]

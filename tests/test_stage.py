@@ -307,3 +307,39 @@ def test_an_output_folder_that_refuses_writes_is_named_before_the_work(tmp_path,
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     with pytest.raises(SokhanError, match=r"^--out .*: cannot write into this folder \(Read-only file system\)$"):
         stage_mod.ensure_dir(tmp_path / "out", "--out")
+
+
+def test_a_stage_that_cannot_write_its_stamps_leaves_no_folder(stages, monkeypatch):
+    cfg = load_config("sample")
+    real = stage_mod.atomic_write
+
+    def full(path, data):
+        if Path(path).name.startswith(".fingerprint"):
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(stage_mod, "atomic_write", full)
+    with pytest.raises(OSError):
+        stage_mod.run_stage("up", cfg, stages.run)
+    assert not (stages.run / "up.partial").exists()
+
+
+def test_a_closed_stderr_loses_the_log_not_the_work(stages, monkeypatch):
+    """`sokhan run … 2>&1 | head -1`: the next log line raised BrokenPipeError midway, the stage was dropped and
+    the command exited 0."""
+    import io
+    import os
+
+    class Closed(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return self._fd
+
+    closed = Closed()
+    closed._fd = os.open(os.devnull, os.O_WRONLY)
+    monkeypatch.setattr("sys.stderr", closed)
+    monkeypatch.setattr(os, "dup2", lambda *a: None)
+    stage_mod.run_stage("up", load_config("sample"), stages.run)
+    assert (stages.run / "up" / "manifest.json").exists()

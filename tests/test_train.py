@@ -302,3 +302,14 @@ def test_with_a_progress_bar_evaluations_go_to_the_bar_not_to_lines(tmp_path, ca
 def test_eta_reads_in_seconds_minutes_or_hours():
     seconds = (0.4, 42, 59.6, 35 * 60 + 10, 2 * 3600 + 5 * 60)
     assert [loop._duration(s) for s in seconds] == ["0s", "42s", "1m", "35m", "2h05m"]
+
+
+def test_a_full_disk_under_a_checkpoint_write_names_what_the_run_keeps(tmp_path):
+    """safetensors reports a full disk as its own error, not an OSError: the checkpoint's one line missed it."""
+    with pytest.raises(SokhanError, match=r"^train: cannot write .*step_000003 \(No space left on device \(os error 28\)\); "
+                                          r"no checkpoint was written before it$"):
+        with loop._writing(tmp_path / "checkpoints" / "step_000003", tmp_path / "checkpoints"):
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(ValueError):  # a bug is not a full disk
+        with loop._writing(tmp_path / "x", tmp_path / "checkpoints"):
+            raise ValueError("a bug")

@@ -5,6 +5,9 @@ The installed namespace joins the repository's folders: ``sokhan.tokenization`` 
 ``sokhan.export`` (ONNX export and the torch-free runtime).
 """
 
+import errno as _errno
+import re as _re
+
 __version__ = "0.1.0"
 
 
@@ -22,3 +25,28 @@ class CheckFailed(SokhanError):
     """A produced artefact failed its own check (ONNX parity with PyTorch): one line, exit status 1."""
 
     exit_code = 1
+
+
+# What the machine under sokhan refuses, as opposed to what sokhan gets wrong: a full disk or quota, a file size
+# limit, a read-only or forbidden folder, a failing device.
+MACHINE_ERRNOS = frozenset(getattr(_errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "EIO")
+                           if hasattr(_errno, name))
+
+
+def machine_error(error: BaseException) -> str | None:
+    """One line for a failure of the machine (``MACHINE_ERRNOS``) in ``error`` or in what it was raised from
+    (libraries wrap it: torch.onnx's exporter does), or from a Rust library's I/O error ("… (os error 28)", as
+    safetensors and tokenizers say it). None for anything else: a bug keeps its traceback, a missing file its own
+    message."""
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in MACHINE_ERRNOS:
+            reason = e.strerror or str(e)
+            return f"{e.filename}: {reason}" if e.filename else reason
+        rust = _re.search(r"([^:]*)\(os error (\d+)\)", str(e))
+        if rust and int(rust.group(2)) in MACHINE_ERRNOS:
+            return f"{rust.group(1).strip()} (os error {rust.group(2)})"
+        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+    return None

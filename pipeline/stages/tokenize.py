@@ -340,7 +340,7 @@ def run(ctx) -> dict:
 
         weights = ", ".join(f"{lang} {weight[lang]:g}" for lang in langs)
         log(f"tokenize: training {cfg.model} with vocabulary {cfg.vocab_size}" + (f" (language weights {weights})" if len(langs) > 1 else ""))
-        length = sum(math.floor(int((~held_out[lang]).sum()) * cfg.lang_weights.get(lang, 1.0)) for lang in langs)
+        length = sum(math.floor(int((~held_out[lang]).sum()) * weight[lang]) for lang in langs)
         tok = Tokenizer.train(
             progress(training_pieces(), total=length, desc="tokenizer: count pieces", unit=" lines"), cfg.vocab_size,
             model=cfg.model, min_frequency=cfg.min_frequency,

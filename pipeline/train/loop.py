@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sokhan import SokhanError
+from sokhan import SokhanError, machine_error
 from sokhan.pipeline.stage import atomic_write, log, progress, write_json
 from sokhan.pipeline.stages.tokenize import read_meta
 from sokhan.pipeline.train import checkpoint as ckpt
@@ -174,13 +174,17 @@ def _diverged(what: str, step: int, root: Path, cfg) -> SokhanError:
 
 @contextlib.contextmanager
 def _writing(what: Path, root: Path):
-    """An OSError while writing a checkpoint (a full disk, most often) as one line saying what the run keeps."""
+    """A machine's failure while writing a checkpoint (a full disk, most often; safetensors reports it as its own
+    error, not an OSError) as one line saying what the run keeps."""
     try:
         yield
-    except OSError as e:
+    except Exception as e:
+        problem = machine_error(e)
+        if problem is None:
+            raise
         good = ckpt.checkpoints(root)
         keeps = f"rerun to resume from {good[-1][1]}" if good else "no checkpoint was written before it"
-        raise SokhanError(f"train: cannot write {what} ({e.strerror or e}); {keeps}") from None
+        raise SokhanError(f"train: cannot write {what} ({problem}); {keeps}") from None
 
 
 def _duration(seconds: float) -> str:
@@ -348,6 +352,7 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
         bar.close()
     wall = time.perf_counter() - t_start
 
+    last = last or (records[-1] if records else {})  # resumed with nothing left to run: the last recorded step
     summary = {
         "arch": model_cfg.arch,
         "parameters": n_params,
