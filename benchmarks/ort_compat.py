@@ -21,7 +21,7 @@ compared with the same run under this environment's ``onnxruntime``:
 
 Writes ``benchmarks/out/ort_compat.json`` and prints a markdown table. The child runs lift the runtime's own
 version check (``MIN_ONNXRUNTIME``): the point is to see what each release does. Needs the package index (pip);
-about 20 s a version after its first install.
+about 4 s a version once it is installed.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ probability > 0.
 from __future__ import annotations
 
 import bisect
-
 from dataclasses import dataclass
 
 import numpy as np
