@@ -122,6 +122,18 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """A stage command, under the run directory's lock, which is released as the command ends: closed here, not
+    left to the garbage collector (a caller of ``main`` in-process held it until a collection ran)."""
+    locks: list = []
+    try:
+        return _run_locked(args, locks)
+    finally:
+        for handle in locks:
+            if handle is not None:  # no lock: a read-only run directory, or no fcntl
+                handle.close()
+
+
+def _run_locked(args: argparse.Namespace, locks: list) -> int:
     from sokhan.pipeline.stage import (CONFIG_FILE, LOCK_FILE, STAGES, atomic_write, kept_work, lock_run_dir,
                                        run_stage, save_run_config, stage_module)
 
@@ -144,11 +156,13 @@ def _run(args: argparse.Namespace) -> int:
     lock = None
     if first and direct is not None and Path(args.run_dir).is_dir():
         lock = lock_run_dir(args.run_dir, required=False)
+        locks.append(lock)
     if direct is not None and direct(args, config):
         return 0
     fresh = not Path(args.run_dir).exists()  # this command makes the run directory
     if first and lock is None:
         lock = lock_run_dir(args.run_dir)  # held while this command runs
+        locks.append(lock)
     if args.command != "run":
         names = [args.stage]
     # The run's config is saved before the stages run, so that an interrupted stage resumes under the same config
@@ -192,6 +206,28 @@ def _interrupted(e: BaseException) -> bool:
     return False
 
 
+# What only a full install has: an install for `generate` and `predict` alone (the bundle README's) has numpy,
+# onnxruntime and the tokenizer's packages (tokenizers, jieba, hazm).
+FULL_INSTALL = frozenset({"torch", "triton", "onnx", "onnxscript", "safetensors", "matplotlib", "scipy", "sklearn",
+                          "arabic_reshaper", "bidi", "tqdm"})
+
+
+def _missing_package(e: BaseException, command: str) -> str | None:
+    """One line for a command that needs a package this environment lacks, instead of a ModuleNotFoundError
+    (also one raised while an earlier error was handled)."""
+    while e is not None and not (isinstance(e, ModuleNotFoundError) and e.name):
+        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+    if e is None:
+        return None
+    package = e.name.split(".")[0]
+    if package in FULL_INSTALL:
+        return (f"`sokhan {command}` needs {package}, which is not installed here: this looks like an install for "
+                "generate and predict only; install sokhan with its dependencies for the other commands")
+    if package in {"numpy", "onnxruntime", "tokenizers", "jieba", "hazm"}:
+        return f"`sokhan {command}` needs {package}, which is not installed here (pip install {package})"
+    return None
+
+
 def _utf8_output() -> None:
     """Persian and Chinese go to stdout and stderr as UTF-8 whatever the locale says (Python's own choice for the C
     locale): under a Latin-1 one, printing a Persian word or an arrow was a UnicodeEncodeError after the work."""
@@ -226,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BaseException as e:
         if not _interrupted(e):
+            missing = _missing_package(e, args.command)
+            if missing is not None:
+                print(f"sokhan: error: {missing}", file=sys.stderr)
+                return 2
             problem = machine_error(e) if isinstance(e, Exception) else None
             if problem is None:
                 raise

@@ -293,3 +293,45 @@ def test_only_what_the_machine_refuses_is_a_one_liner():
     assert machine_error(Exception("Error while serializing: I/O error: No space left on device (os error 28)")) \
         == "No space left on device (os error 28)"
     assert machine_error(Exception("I/O error: No such file or directory (os error 2)")) is None
+
+
+def test_an_install_without_torch_says_what_a_command_needs(tmp_path):
+    """Where only the runtime is installed (the bundle README's install), `train`, `synth` and the other stages
+    ended in a ModuleNotFoundError traceback, and `status` of a run with an interrupted training crashed too."""
+    run = tmp_path / "run"
+    assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize,tokenize,embed"]) == 0
+    (run / "train.partial" / "checkpoints" / "step_000003").mkdir(parents=True)
+    script = f"""
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "safetensors", "onnx"):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, NoTorch())
+from sokhan.pipeline.cli import main
+assert main(["status", "--run-dir", {str(run)!r}]) == 0
+assert main(["train", "--run-dir", {str(run)!r}]) == 2
+assert main(["synth", "--out", {str(tmp_path / "synth")!r}]) == 2
+assert "torch" not in sys.modules
+print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("sokhan: error:")]
+    assert len(errors) == 2 and all("needs torch, which is not installed here" in e for e in errors), out.stderr
+    assert "Traceback" not in out.stderr and "interrupted at step 3" in out.stdout
+
+
+def test_the_run_directory_lock_is_released_when_main_returns(tmp_path):
+    """In-process callers held the lock until the garbage collector ran (a reference cycle kept the file open)."""
+    import fcntl
+    import gc
+
+    run = tmp_path / "run"
+    gc.disable()
+    try:
+        assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize,tokenize,embed"]) == 0
+        with open(run / ".sokhan.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while another handle holds it
+    finally:
+        gc.enable()

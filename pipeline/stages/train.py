@@ -91,14 +91,14 @@ def add_arguments(parser) -> None:
 
 def resumable_work(partial: Path) -> bool:
     """An interrupted run can be resumed once it has written a checkpoint."""
-    from sokhan.pipeline.train.checkpoint import checkpoints
+    from sokhan.pipeline.train.folders import checkpoints
 
     return bool(checkpoints(partial / "checkpoints"))
 
 
 def resumable_step(partial: Path) -> int | None:
     """The step an interrupted run would continue from (its newest checkpoint), or None (``sokhan status``)."""
-    from sokhan.pipeline.train.checkpoint import checkpoints
+    from sokhan.pipeline.train.folders import checkpoints
 
     found = checkpoints(partial / "checkpoints")
     return found[-1][0] if found else None

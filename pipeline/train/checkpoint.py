@@ -28,12 +28,12 @@ from torch import nn
 
 from sokhan import SokhanError
 from sokhan.pipeline.stage import read_json, write_json
+from sokhan.pipeline.train.folders import STEP_DIR, checkpoints, step_dir  # noqa: F401 (used by the loop as ckpt.*)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
-STEP_DIR = re.compile(r"^step_(\d{6,})$")
 # What an interrupted write leaves: ".<name>.tmp<pid>" (write_folder, write_tensors, atomic_write),
 # ".<stem>.tmp<pid><suffix>" (plotting.save) and ".<name>.old<pid>" (write_folder's replaced folder).
 LEFTOVER = re.compile(r"^\..+\.(tmp|old)\d+(\.\w+)?$")
@@ -206,19 +206,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
             for k, v in optimizer.state.get(p, {}).items():
                 if isinstance(v, torch.Tensor) and v.ndim and v.shape != p.shape:
                     raise SokhanError(f"{path}: optimizer tensor {k!r} has shape {tuple(v.shape)}, its parameter {tuple(p.shape)}")
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"step_{step:06d}"
-
-
-def checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Finished checkpoints under ``root`` as (step, folder), oldest first (temporary folders are not listed)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
-    return sorted(found)
 
 
 def write_folder(final: Path, write) -> None:
