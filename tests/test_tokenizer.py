@@ -225,3 +225,20 @@ def test_lossless_and_idempotent_on_every_real_line(tok, corpora_dir):
             assert tok.decode(line_ids) == line, f"{lang} line {i}"
             if i % 97 == 0:
                 assert tok.encode(raws[i], lang) == line_ids
+
+
+def test_a_different_hazm_or_jieba_than_in_training_is_said_once(tok, tmp_path, capsys):
+    """The bundle's install pins nothing: hazm 0.9.4 loaded a tokenizer trained under 0.10.0 without a word, though
+    their rules decide the pieces the ids were learned on."""
+    tok.save(tmp_path)
+    capsys.readouterr()
+    Tokenizer.load(tmp_path)
+    assert capsys.readouterr().err == ""  # the versions it was written with
+    side = tmp_path / "segmenter.json"
+    meta = json.loads(side.read_text(encoding="utf-8"))
+    meta["versions"]["hazm"] = "0.9.4"
+    side.write_text(json.dumps(meta), encoding="utf-8")
+    Tokenizer.load(tmp_path)
+    Tokenizer.load(tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained with hazm 0.9.4 (here 0.10.0)" in err[0] and "segmented differently" in err[0]

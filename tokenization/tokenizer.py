@@ -202,6 +202,7 @@ class Tokenizer:
             normalization = {"digits": meta["normalize"]["digits"], "remove_diacritics": meta["normalize"]["remove_diacritics"]}
         except (ValueError, KeyError, TypeError, SokhanError) as e:
             raise SokhanError(f"{side}: not a sokhan segmenter file ({e})") from None
+        _check_segmenter_versions(side, meta.get("versions") or {})
         return cls(hf, normalization, seg)
 
     @classmethod
@@ -309,8 +310,31 @@ def _segmenter_versions() -> dict[str, str | None]:
     return out
 
 
+_WARNED: set[Path] = set()  # segmenter files whose version difference was said (once per process)
+
+
+def _check_segmenter_versions(side: Path, recorded: dict) -> None:
+    """One line on stderr when hazm or jieba differ from the versions the tokenizer was trained with: their rules
+    and dictionaries cut the text into the pieces the ids were learned on, and nothing else would show that a
+    deployment's Persian or Chinese is now cut differently (the bundle README's install pins nothing)."""
+    import sys
+
+    now = _segmenter_versions()
+    changed = [f"{pkg} {recorded[pkg]} (here {now[pkg]})" for pkg in ("hazm", "jieba")
+               if recorded.get(pkg) and now.get(pkg) and recorded[pkg] != now[pkg]]
+    if changed and side not in _WARNED:
+        _WARNED.add(side)
+        print(f"sokhan: {side}: trained with {', '.join(changed)}; text may be segmented differently than in "
+              "training, which costs accuracy (install the versions it names)", file=sys.stderr)
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    """Through a temporary sibling and a rename, so a reader never sees half a file."""
+    """Through a temporary sibling and a rename, so a reader never sees half a file (nor a stray temporary when
+    the write fails)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -136,7 +136,9 @@ without torch, install those and sokhan itself without its dependencies, from a 
 wheel built there (`pip install --no-deps PATH/TO/CHECKOUT`, `pip install --no-deps sokhan-*.whl`; it is not on PyPI).
 pip then lists torch and the training packages as missing requirements: expected, as `generate` and `predict`
 never import them (the other commands say so in one line).
-It needs onnxruntime 1.28 or newer (older releases cannot load some of sokhan's graphs, or compute them wrong).
+It needs onnxruntime 1.28 or newer (older releases cannot load some of sokhan's graphs, or compute them wrong),
+and hazm and jieba at the versions `segmenter.json` names (their rules cut the text into the pieces the model
+learned; another version gets a one-line warning).
 On a GPU, `pip install "onnxruntime-gpu[cuda,cudnn]"` brings the CUDA libraries ONNX Runtime needs (without them
 it runs on the CPU and says so).
 
