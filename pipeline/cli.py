@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 import time
@@ -220,12 +221,17 @@ def _missing_package(e: BaseException, command: str) -> str | None:
     if e is None:
         return None
     package = e.name.split(".")[0]
-    if package in FULL_INSTALL:
+    if package not in FULL_INSTALL | {"numpy", "onnxruntime", "tokenizers", "jieba", "hazm"}:
+        return None  # sokhan's own modules, typos: bugs, with their traceback
+    try:  # installed, with a submodule missing (a release too old, a typo): not this message either
+        if package in sys.modules or importlib.util.find_spec(package) is not None:
+            return None
+    except (ImportError, ValueError):
+        pass
+    if package in FULL_INSTALL and command not in ("generate", "predict"):
         return (f"`sokhan {command}` needs {package}, which is not installed here: this looks like an install for "
                 "generate and predict only; install sokhan with its dependencies for the other commands")
-    if package in {"numpy", "onnxruntime", "tokenizers", "jieba", "hazm"}:
-        return f"`sokhan {command}` needs {package}, which is not installed here (pip install {package})"
-    return None
+    return f"`sokhan {command}` needs {package}, which is not installed here (pip install {package})"
 
 
 def _utf8_output() -> None:

@@ -335,3 +335,12 @@ def test_the_run_directory_lock_is_released_when_main_returns(tmp_path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while another handle holds it
     finally:
         gc.enable()
+
+
+def test_a_missing_submodule_of_an_installed_package_keeps_its_traceback():
+    """onnxscript 0.5.7 lacks a module torch 2.13 imports: "onnxscript is not installed here" would be false."""
+    from sokhan.pipeline.cli import _missing_package
+
+    assert _missing_package(ModuleNotFoundError("x", name="onnxscript._framework_apis.torch_2_11"), "export") is None
+    assert _missing_package(ModuleNotFoundError("x", name="numpy.lib.stride_trick"), "train") is None
+    assert _missing_package(ModuleNotFoundError("x", name="sokhan.pipeline.nothing"), "train") is None

@@ -134,8 +134,8 @@ prediction with ONNX Runtime, no PyTorch needed.
 The runtime imports numpy, onnxruntime and sokhan's tokenizer (tokenizers, jieba, hazm), never torch: on a machine
 without torch, install those and sokhan itself without its dependencies, from a checkout of its repository or a
 wheel built there (`pip install --no-deps PATH/TO/CHECKOUT`, `pip install --no-deps sokhan-*.whl`; it is not on PyPI).
-pip then lists torch and the training packages as missing requirements: expected, as `generate` and `predict`
-never import them (the other commands say so in one line).
+A later `pip install` or `pip check` then lists torch and the training packages as missing requirements:
+expected, as `generate` and `predict` never import them (the other commands say so in one line).
 It needs onnxruntime 1.28 or newer (older releases cannot load some of sokhan's graphs, or compute them wrong),
 and hazm and jieba at the versions `segmenter.json` names (their rules cut the text into the pieces the model
 learned; another version gets a one-line warning).
