@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="which graph of the bundle to run (decoder.onnx, or a variant such as decoder.int8.onnx)")
     parser.add_argument("--lang", choices=("fa", "zh", "en"), default=None, help="language of the text (default: detected)")
     if name == "generate":
-        parser.add_argument("--prompt", required=True, help="text to continue")
+        parser.add_argument("--prompt", required=True,
+                            help="text to continue; '-': one prompt per line of stdin, one JSON object per line out")
         parser.add_argument("--max-new-tokens", type=_int_at_least(0), default=64,
                             help="tokens to generate at most; it stops earlier at the end of a line (default: 64)")
         parser.add_argument("--temperature", type=_temperature, default=0.0, help="sampling temperature; 0 = greedy (default)")
@@ -61,11 +62,28 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                             help="sample from the k most likely tokens only (default: all)")
         parser.add_argument("--seed", type=_int_at_least(0), default=None, help="seed of the sampling, for a repeatable text")
     else:
-        parser.add_argument("text", help="text whose next word to predict")
+        parser.add_argument("text", help="text whose next word to predict; '-': one text per line of stdin, one JSON "
+                                         "object per line out")
         parser.add_argument("-k", type=_int_at_least(1), default=5, help="how many words (default: 5)")
 
 
+def _stdin_lines():
+    """(line number, text) for each non-blank line of stdin, read as UTF-8 whatever the locale."""
+    import sys
+
+    from sokhan import SokhanError
+
+    for n, raw in enumerate(sys.stdin.buffer, start=1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise SokhanError(f"stdin line {n}: not valid UTF-8 (byte {e.start + 1})") from None
+        if line.strip():
+            yield n, line
+
+
 def main(args: argparse.Namespace) -> int:
+    import json
     import sys
 
     from sokhan import SokhanError
@@ -73,34 +91,51 @@ def main(args: argparse.Namespace) -> int:
     from sokhan.tokenization import detect_language
     from sokhan.tokenization.langid import SCRIPT_NAMES
 
-    text = _as_sent(args.prompt if args.command == "generate" else args.text)
-    if args.command == "generate":
-        args.prompt = text
-    else:
-        args.text = text
-    try:
-        text.encode("utf-8")  # bytes that are not UTF-8 reach argv as lone surrogates (Python's surrogateescape)
-    except UnicodeEncodeError as e:
-        what = "--prompt" if args.command == "generate" else "the text"
-        raise SokhanError(f"{what} is not valid UTF-8 (at character {e.start + 1}); check the terminal's encoding") from None
+    generate = args.command == "generate"
+    text = _as_sent(args.prompt if generate else args.text)
+    batch = text == "-"  # one prompt per line of stdin, one JSON object per line out: the model is loaded once
+    if not batch:
+        try:
+            text.encode("utf-8")  # bytes that are not UTF-8 reach argv as lone surrogates (Python's surrogateescape)
+        except UnicodeEncodeError as e:
+            what = "--prompt" if generate else "the text"
+            raise SokhanError(f"{what} is not valid UTF-8 (at character {e.start + 1}); check the terminal's encoding") from None
     decoder = Decoder(args.bundle, provider=args.provider, graph=args.graph)
-    detected = detect_language(text)
-    if args.lang and detected and detected != args.lang:  # read as another language: tag and segmenter both wrong
-        print(f"sokhan: --lang {args.lang}, but the text is mostly in {SCRIPT_NAMES[detected]} script; it is read as {args.lang} "
-              "all the same", file=sys.stderr)
-    if args.command == "generate":
-        if args.temperature == 0 and (args.top_k is not None or args.seed is not None):
-            print("sokhan: --top-k and --seed shape sampling; at --temperature 0 (the default) decoding is greedy",
-                  file=sys.stderr)
-        text = decoder.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, seed=args.seed, lang=args.lang)
-        # The continuation follows the prompt as the model read it (normalized: ي → ی, spaces squeezed), not as typed.
-        print(decoder.tokenizer.normalize(args.prompt, decoder.language(args.prompt, args.lang)) + text)
-    else:
-        found = decoder.next_words(args.text, k=args.k, lang=args.lang)
-        for word, prob in found:
-            print(f"{prob:.4f}\t{word}")
+    if generate and args.temperature == 0 and (args.top_k is not None or args.seed is not None):
+        print("sokhan: --top-k and --seed shape sampling; at --temperature 0 (the default) decoding is greedy",
+              file=sys.stderr)
+
+    def one(text: str, where: str) -> dict:
+        detected = detect_language(text)
+        if args.lang and detected and detected != args.lang:  # read as another language: tag and segmenter both wrong
+            print(f"sokhan: {where}--lang {args.lang}, but the text is mostly in {SCRIPT_NAMES[detected]} script; it is "
+                  f"read as {args.lang} all the same", file=sys.stderr)
+        if generate:
+            continuation = decoder.generate(text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                            top_k=args.top_k, seed=args.seed, lang=args.lang)
+            # The continuation follows the prompt as the model read it (normalized: ي → ی, spaces squeezed).
+            return {"prompt": decoder.tokenizer.normalize(text, decoder.language(text, args.lang)), "continuation": continuation}
+        found = decoder.next_words(text, k=args.k, lang=args.lang)
         if len(found) < args.k:
-            print(f"sokhan: {len(found)} of {args.k} words found: the search keeps continuations above probability "
-                  "1e-6 within its beam", file=sys.stderr)
+            print(f"sokhan: {where}{len(found)} of {args.k} words found: the search keeps continuations above "
+                  "probability 1e-6 within its beam", file=sys.stderr)
+        return {"text": text, "words": found}
+
+    if batch:
+        for n, line in _stdin_lines():
+            try:
+                result = one(line, f"line {n}: ")
+                if "words" in result:
+                    result["words"] = [[word, round(prob, 6)] for word, prob in result["words"]]
+            except SokhanError as e:  # an empty prompt after normalization, say: that line, not the rest
+                print(f"sokhan: line {n}: {e}", file=sys.stderr)
+                result = {"error": str(e)}
+            print(json.dumps({"line": n, **result}, ensure_ascii=False), flush=True)
+        return 0
+    result = one(text, "")
+    if generate:
+        print(result["prompt"] + result["continuation"])
+    else:
+        for word, prob in result["words"]:
+            print(f"{prob:.4f}\t{word}")
     return 0

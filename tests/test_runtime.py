@@ -606,3 +606,24 @@ def test_persian_in_and_out_under_an_ascii_locale(bundle):
         assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")  # predict: accepted, not "not UTF-8"
         if argv[0] == b"generate":  # the prompt as the model read it, then the continuation: UTF-8
             assert proc.stdout.decode("utf-8").startswith("در جنگل یک")
+
+
+def test_prompts_from_stdin_are_json_lines_from_one_model(bundle, decoder):
+    """`-` reads one prompt per line (the model loaded once, where a command per prompt loaded it every time): one
+    JSON object per non-blank line, the same words and text as one prompt at a time."""
+    run = lambda argv, data: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "sokhan", *argv, "--bundle", str(bundle), "--provider", "cpu"], input=data,
+        capture_output=True, timeout=120)
+    out = run(["predict", "-k", "2", "-"], "i saw the\n\n我 喜欢\n".encode())
+    assert out.returncode == 0, out.stderr.decode()
+    rows = [json.loads(line) for line in out.stdout.decode().splitlines()]
+    assert [r["line"] for r in rows] == [1, 3]
+    for r in rows:
+        want = decoder.next_words(r["text"], k=2)
+        assert [w for w, _ in r["words"]] == [w for w, _ in want]
+        assert [p for _, p in r["words"]] == pytest.approx([p for _, p in want], abs=1e-6)
+    out = run(["generate", "--max-new-tokens", "4", "--prompt", "-"], "i saw\n".encode())
+    (row,) = [json.loads(line) for line in out.stdout.decode().splitlines()]
+    assert row["prompt"] == "i saw" and row["continuation"] == decoder.generate("i saw", 4)
+    out = run(["predict", "-"], b"i saw\n\xff\xfe\n")
+    assert out.returncode == 2 and "stdin line 2: not valid UTF-8" in out.stderr.decode()

@@ -144,6 +144,7 @@ it runs on the CPU and says so).
 
     sokhan generate --bundle . --prompt "..."
     sokhan predict --bundle . "..."
+    sokhan predict --bundle . - < prompts.txt     # one prompt per line; one JSON object per line out
 
 or from Python:
 
