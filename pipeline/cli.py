@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from sokhan import SokhanError, __version__, machine_error
+from sokhan import SokhanError, __version__, machine_error, raised_from
 
 STAGE_HELP = {
     "normalize": "clean and unify the corpus per language (hazm, NFKC, jieba-safe width folding)",
@@ -216,11 +216,10 @@ FULL_INSTALL = frozenset({"torch", "triton", "onnx", "onnxscript", "safetensors"
 def _missing_package(e: BaseException, command: str) -> str | None:
     """One line for a command that needs a package this environment lacks, instead of a ModuleNotFoundError
     (also one raised while an earlier error was handled)."""
-    while e is not None and not (isinstance(e, ModuleNotFoundError) and e.name):
-        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
-    if e is None:
+    missing = next((x for x in raised_from(e) if isinstance(x, ModuleNotFoundError) and x.name), None)
+    if missing is None:
         return None
-    package = e.name.split(".")[0]
+    package = missing.name.split(".")[0]
     if package not in FULL_INSTALL | {"numpy", "onnxruntime", "tokenizers", "jieba", "hazm"}:
         return None  # sokhan's own modules, typos: bugs, with their traceback
     try:  # installed, with a submodule missing (a release too old, a typo): not this message either

@@ -33,20 +33,27 @@ MACHINE_ERRNOS = frozenset(getattr(_errno, name) for name in ("ENOSPC", "EDQUOT"
                            if hasattr(_errno, name))
 
 
+def raised_from(error: BaseException):
+    """``error``, then what it was raised from, as Python's traceback shows them: the explicit cause, else the
+    exception being handled unless ``from None`` hid it."""
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+
+
 def machine_error(error: BaseException) -> str | None:
     """One line for a failure of the machine (``MACHINE_ERRNOS``) in ``error`` or in what it was raised from
     (libraries wrap it: torch.onnx's exporter does), or from a Rust library's I/O error ("… (os error 28)", as
     safetensors and tokenizers say it). None for anything else: a bug keeps its traceback, a missing file its own
     message."""
-    seen = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in raised_from(error):
         if isinstance(e, OSError) and e.errno in MACHINE_ERRNOS:
             reason = e.strerror or str(e)
             return f"{e.filename}: {reason}" if e.filename else reason
         rust = _re.search(r"([^:]*)\(os error (\d+)\)", str(e))
         if rust and int(rust.group(2)) in MACHINE_ERRNOS:
             return f"{rust.group(1).strip()} (os error {rust.group(2)})"
-        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
     return None
