@@ -173,12 +173,38 @@ def test_output_is_clean_and_idempotent(text, lang):
         pytest.param("..\u0670.", id="diacritic-inside-an-ellipsis"),
         pytest.param("نمیهها", id="heh-ha-then-mi"),
         pytest.param("\u0651\u0640\u064e", id="marks-reordered-after-tatweel"),
+        # A stray ZWNJ between combining marks: removed, it leaves them to reorder or compose.
+        pytest.param("e\u0301\u200c\u0327", id="stray-zwnj-between-latin-marks"),
+        pytest.param("x\u0301\u200c\u0323 سلام", id="stray-zwnj-between-marks-before-persian"),
+        pytest.param("سلام\u0301\u200c\u0651", id="stray-zwnj-between-latin-and-arabic-marks"),
+        pytest.param("a\u200c\u03011", id="stray-zwnj-then-digit-after-a-composed-letter"),
     ],
 )
 @pytest.mark.parametrize("remove_diacritics", [True, False])
 def test_persian_idempotent_where_hazm_steps_were_not(raw, remove_diacritics):
     once = normalize(raw, "fa", remove_diacritics=remove_diacritics)
     assert normalize(once, "fa", remove_diacritics=remove_diacritics) == once
+
+
+def test_persian_stray_zwnj_removal_leaves_marks_in_canonical_order():
+    assert normalize("e\u0301\u200c\u0327", "fa") == "\u0229\u0301"  # ȩ́: e, cedilla, acute composed
+    assert normalize("x\u0301\u200c\u0323 سلام", "fa") == "x\u0323\u0301 سلام"
+    assert normalize("سلام\u0301\u200c\u0651", "fa", remove_diacritics=False) == "سلام\u0651\u0301"
+    # á is no ASCII letter: its digit turns Persian, on the first pass as on the second.
+    assert normalize("a\u200c\u03011", "fa") == "\xe1\u06f1"
+
+
+# Latin and Arabic letters, combining marks of both, ZWNJ, digits: a stray ZWNJ between marks.
+marked_pieces = st.sampled_from(
+    [*"aexبسل 1۱.", "\u200c", "\u0301", "\u0323", "\u0327", "\u0308", "\u064e", "\u0651", "\u0653", "\u0670"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(marked_pieces, max_size=12).map("".join), remove_diacritics=st.booleans())
+def test_persian_idempotent_with_marks_around_zwnj(text, remove_diacritics):
+    out = normalize(text, "fa", remove_diacritics=remove_diacritics)
+    assert normalize(out, "fa", remove_diacritics=remove_diacritics) == out
 
 
 # Persian letters, affixes, ZWNJ, spaces, marks and punctuation: where the ZWNJ rules and hazm's steps meet.

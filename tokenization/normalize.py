@@ -170,6 +170,13 @@ def _zwnj(text: str) -> str:
     return _ZWNJ_STRAY.sub("", _ZWNJ_SPACED.sub("\u200c", text))
 
 
+def _renormalize(text: str, letters: dict) -> str:
+    """NFKC and hazm's letter table again, where ``text`` is no longer in NFKC (a quick check otherwise)."""
+    if unicodedata.is_normalized("NFKC", text):
+        return text
+    return unicodedata.normalize("NFKC", text).translate(letters)
+
+
 def _fixpoint(step, text: str) -> str:
     """``step`` applied until it changes nothing (once when it changes nothing at first, the usual case).
 
@@ -211,7 +218,10 @@ def _persian(text: str, digits: Digits, remove_diacritics: bool) -> str:
     text = hz.remove_specials_chars(text)
     if text != folded:  # NFKC again: a removal can leave marks out of canonical order or composable (ا + ٓ -> آ)
         text = unicodedata.normalize("NFKC", text).translate(letters)
-    text = _zwnj(text)
+    if (unzwnj := _zwnj(text)) != text:
+        # A stray ZWNJ was a barrier between combining marks: gone, they may need reordering or composing (e U+0301
+        # ZWNJ U+0327 -> é U+0327, whose NFKC is ȩ U+0301), and the steps below must see what a second pass sees.
+        text = _renormalize(unzwnj, letters)
     text = _fixpoint(functools.partial(_persian_style, hz), text)
     if digits == "persian":
         text = _persian_digits(text)
@@ -220,7 +230,9 @@ def _persian(text: str, digits: Digits, remove_diacritics: bool) -> str:
     # The Persian decimal separator, between Persian digits only: 3.14 stays as it is where digits stay Latin.
     text = _outside_latin(lambda w: _DECIMAL.sub("\\1٫\\2", w), text)
     text = _fixpoint(hz.decrease_repeated_chars, text)
-    text = _zwnj(hz.seperate_mi(_HEH_HA.sub("\u200c", text)))  # after _HEH_HA: seperate_mi reads its ZWNJ
+    # After _HEH_HA: seperate_mi reads its ZWNJ. No NFKC after this one: it would undo persian_style (… -> ...), and
+    # the ZWNJs that only this pass removes (beside a digit made Latin) stand next to no combining mark.
+    text = _zwnj(hz.seperate_mi(_HEH_HA.sub("\u200c", text)))
     return " ".join(_join_affixes(_collapse(text).split(" "), hz.verbs))
 
 
