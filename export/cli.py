@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def _stdin_lines():
-    """(line number, text) for each non-blank line of stdin, read as UTF-8 whatever the locale."""
+    """(line number, text or the SokhanError that line is) for each non-blank line of stdin, read as UTF-8 whatever
+    the locale: a line that is not UTF-8 is an error for that line, like an empty prompt, not for the rest."""
     import sys
 
     from sokhan import SokhanError
@@ -77,7 +78,8 @@ def _stdin_lines():
         try:
             line = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
-            raise SokhanError(f"stdin line {n}: not valid UTF-8 (byte {e.start + 1})") from None
+            yield n, SokhanError(f"not valid UTF-8 (byte {e.start + 1})")
+            continue
         if line.strip():
             yield n, line
 
@@ -124,6 +126,8 @@ def main(args: argparse.Namespace) -> int:
     if batch:
         for n, line in _stdin_lines():
             try:
+                if isinstance(line, SokhanError):
+                    raise line
                 result = one(line, f"line {n}: ")
                 if "words" in result:
                     result["words"] = [[word, round(prob, 6)] for word, prob in result["words"]]

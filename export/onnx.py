@@ -30,12 +30,11 @@ import torch
 from torch import nn
 
 from sokhan import SokhanError, __version__
-from sokhan.export.runtime import BUNDLE_FORMAT, BUNDLE_VERSION, DECODER
+from sokhan.export.runtime import BUNDLE_FORMAT, BUNDLE_VERSION, DECODER, METADATA_KEY
 from sokhan.pipeline.models.config import ModelConfig
 
 EXAMPLE_BATCH = 2
 EXAMPLE_PAST = 3
-METADATA_KEY = "sokhan.config"
 
 
 def state_layout(cfg: ModelConfig) -> list[dict[str, Any]]:

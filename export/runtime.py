@@ -17,6 +17,7 @@ and checks ``sys.modules``).
 from __future__ import annotations
 
 import json
+import numbers
 import re
 import sys
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ CONFIG = "config.json"
 DECODER = "decoder.onnx"
 TOKENIZER = "tokenizer.json"
 SEGMENTER = "segmenter.json"
+METADATA_KEY = "sokhan.config"  # the graph's metadata entry holding the bundle config (export/onnx.py writes it)
 EOS = "<|eos|>"
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}  # int8: a quantized KV cache (kvcache.py)
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
@@ -223,6 +225,39 @@ def check_graph(session, cfg: dict[str, Any], specs: list[StateSpec], path: Path
                 raise SokhanError(f"{path}: input {spec.input} has shape {shape} but {CONFIG} gives {list(spec.shape)}")
 
 
+def file_digests(bundle: Path) -> dict[str, str]:
+    """sha256 of the tokenizer files, which ``config.json`` and every graph's metadata record (``files``)."""
+    import hashlib
+
+    return {name: hashlib.sha256((bundle / name).read_bytes()).hexdigest() for name in (TOKENIZER, SEGMENTER)}
+
+
+def check_files(bundle: Path, cfg: dict[str, Any]) -> None:
+    """The tokenizer files are the ones the model was exported with. Two tokenizers of one size (two runs'
+    tokenize stages) are interchangeable to every other check, and a swapped one turns the output into noise."""
+    recorded = cfg.get("files")
+    if not recorded:  # bundles exported before sokhan recorded them
+        return
+    for name, digest in file_digests(bundle).items():
+        if recorded.get(name) not in (None, digest):
+            raise SokhanError(f"{bundle / name}: not the file this model was exported with ({CONFIG} records sha256 "
+                              f"{recorded[name][:12]}…, the file has {digest[:12]}…); copy the bundle whole")
+
+
+def check_graph_files(session, cfg: dict[str, Any], path: Path) -> None:
+    """The graph was exported with this bundle's tokenizer: its metadata (``sokhan.config``) records the same
+    ``files`` as ``config.json``. A graph from another run whose tokenizer has the same size passes every shape
+    check and produces noise."""
+    meta = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    try:
+        graph_files = json.loads(meta).get("files") if meta else None
+    except (json.JSONDecodeError, AttributeError):
+        raise SokhanError(f"{path}: its {METADATA_KEY} metadata is not a JSON object") from None
+    if graph_files and cfg.get("files") and graph_files != cfg["files"]:
+        raise SokhanError(f"{path}: exported with another tokenizer than this bundle's ({CONFIG} and the graph's "
+                          "metadata record different tokenizer files); copy the bundle whole")
+
+
 def graph_dtypes(session, specs: list[StateSpec], path: Path) -> list[StateSpec]:
     """``specs`` with each state tensor's dtype as the graph declares it (``config.json`` gives float32's)."""
     from dataclasses import replace
@@ -242,11 +277,14 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.ra
     """Next token per row of ``logits`` (B, V): argmax at temperature 0, else softmax sampling (top-k first)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    x = logits.astype(np.float64) / temperature
+    x = logits.astype(np.float64)
     if top_k is not None and top_k < x.shape[-1]:
         kth = np.partition(x, -top_k, axis=-1)[:, -top_k][:, None]
         x = np.where(x < kth, -np.inf, x)
-    p = np.exp(x - x.max(-1, keepdims=True))
+    # The maximum first, then the temperature: at a temperature near 0 (1e-310) the division overflows to -inf,
+    # which exp makes 0 (greedy), where dividing first made inf - inf = nan.
+    with np.errstate(over="ignore"):
+        p = np.exp((x - x.max(-1, keepdims=True)) / temperature)
     p /= p.sum(-1, keepdims=True)
     return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
@@ -407,6 +445,15 @@ def cuda_notice(config: dict, specs: list[StateSpec], device: str, graph: str) -
             "(`sokhan export --precision fp16`, then --graph decoder.fp16.onnx)")
 
 
+def _integer(name: str, value: Any, low: int, optional: bool = False) -> None:
+    """A SokhanError naming the parameter unless ``value`` is an int >= ``low`` (or None when ``optional``): numpy
+    and the loops took 2.5 or "3" with errors of their own, and True as 1."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise SokhanError(f"{name} = {value!r} must be an integer >= {low}" + (" or None" if optional else ""))
+
+
 class Decoder:
     """An exported bundle, ready to generate text and predict next words.
 
@@ -435,18 +482,21 @@ class Decoder:
             raise SokhanError(
                 f"{self.bundle / TOKENIZER}: vocabulary of {self.tokenizer.vocab_size} tokens but {CONFIG} says {self.config['vocab_size']}"
             )
+        check_files(self.bundle, self.config)
         path, self.graph_file = self.bundle / graph, graph
         if self.config.get("prefill") and graph == self.config["prefill"]:
             raise SokhanError(f"{path}: the prompt (prefill) graph, which runs with {DECODER}; choose a step graph "
                               f"({DECODER} or a variant of it such as decoder.int8.onnx)")
         self.session = open_session(path, provider, threads)
         check_graph(self.session, self.config, self.specs, path)
+        check_graph_files(self.session, self.config, path)
         self.specs = graph_dtypes(self.session, self.specs, path)  # the fp16 variant's state is float16
         self.prefill_session = None
         if self.config.get("prefill") and graph == DECODER:
             prefill_path = self.bundle / self.config["prefill"]
             self.prefill_session = open_session(prefill_path, provider, threads)
             check_graph(self.prefill_session, self.config, self.specs, prefill_path, prefill=True)
+            check_graph_files(self.prefill_session, self.config, prefill_path)
         self.providers = self.session.get_providers()
         self.graph = StepGraph(self.session, self.specs, self.config["uses_position_ids"])
         self.device = self.graph.device
@@ -487,7 +537,10 @@ class Decoder:
             return lang
         lang = detect_language(text)
         if lang is None:  # no Arabic-script, Han or Latin letters (Cyrillic, kana, digits alone)
-            if text.strip() and None not in self._warned:  # an empty prompt is an error of its own
+            # An empty prompt is an error of its own, said without a notice first ('\u200b' normalizes to nothing).
+            if not self.tokenizer.encode(text, lang="en"):
+                raise SokhanError(f"empty prompt {text!r}: give at least one character of text")
+            if None not in self._warned:
                 self._warned.add(None)
                 print(f"sokhan: {text[:30]!r} has no Persian, Chinese or Latin letters; it is read as English text, "
                       "and its predictions will be poor (--lang sets the language)", file=sys.stderr)
@@ -537,14 +590,13 @@ class Decoder:
 
         Stops at ``<|eos|>``, after ``max_new_tokens`` tokens, or when the context reaches the model's maximum.
         """
-        if max_new_tokens < 0:
-            raise SokhanError(f"max_new_tokens = {max_new_tokens} must be >= 0")
-        if top_k is not None and top_k < 1:
-            raise SokhanError(f"top_k = {top_k} must be >= 1")
-        if not (temperature >= 0 and np.isfinite(temperature)):  # nan would reach rng.choice as nan probabilities
-            raise SokhanError(f"temperature = {temperature} must be a finite number >= 0 (0 = greedy)")
-        if seed is not None and seed < 0:
-            raise SokhanError(f"seed = {seed} must be >= 0")
+        _integer("max_new_tokens", max_new_tokens, 0)
+        _integer("top_k", top_k, 1, optional=True)
+        _integer("seed", seed, 0, optional=True)
+        # nan would reach rng.choice as nan probabilities
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+                temperature >= 0 and np.isfinite(temperature)):
+            raise SokhanError(f"temperature = {temperature!r} must be a finite number >= 0 (0 = greedy)")
         rng = np.random.default_rng(seed)
         ids = self.encode_prompt(prompt, lang)
         logits, state = self.prefill(ids)
@@ -581,8 +633,7 @@ class Decoder:
         """The ``k`` most likely next words after ``text`` with their probabilities (see ``sokhan.export.nextword``)."""
         from sokhan.export.nextword import default_splitter, ends_inside_word, next_words
 
-        if k < 1:
-            raise SokhanError(f"k = {k} must be >= 1")
+        _integer("k", k, 1)
         lang = self.language(text, lang)
         logits, state = self.prefill(self.encode_prompt(text, lang))
         search.setdefault("max_tokens", 8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,6 +151,35 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(decoder):
     assert decoder.generate("我 喜欢", 12, temperature=0.8, top_k=1, seed=3) == decoder.generate("我 喜欢", 12)
 
 
+def test_a_temperature_near_zero_is_greedy(decoder):
+    """1e-310 overflowed logits / temperature to inf, and inf - inf made nan probabilities (a numpy traceback)."""
+    greedy = decoder.generate("我 喜欢", 6)
+    assert decoder.generate("我 喜欢", 6, temperature=1e-310, seed=0) == greedy
+    assert decoder.generate("我 喜欢", 6, temperature=5e-324, seed=0) == greedy
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"max_new_tokens": 2.5}, "max_new_tokens = 2.5 must be an integer >= 0"),
+        ({"max_new_tokens": None}, "max_new_tokens = None must be an integer >= 0"),
+        ({"max_new_tokens": True}, "max_new_tokens = True must be an integer >= 0"),
+        ({"top_k": 2.5}, "top_k = 2.5 must be an integer >= 1 or None"),
+        ({"top_k": 0}, "top_k = 0 must be an integer >= 1 or None"),
+        ({"seed": 1.5}, "seed = 1.5 must be an integer >= 0 or None"),
+        ({"temperature": "0.5"}, "temperature = '0.5' must be a finite number >= 0"),
+        ({"temperature": float("inf")}, "temperature = inf must be a finite number >= 0"),
+    ],
+)
+def test_generation_arguments_of_the_wrong_type_are_named(decoder, kwargs, message):
+    """numpy's own TypeErrors (`Partition index must be integer`) named no parameter; True counted as 1."""
+    with pytest.raises(SokhanError, match=re.escape(message)):
+        decoder.generate("i saw", **{"max_new_tokens": 2, **kwargs})
+    assert decoder.generate("i saw", max_new_tokens=np.int64(2), top_k=np.int32(3), seed=np.uint8(1), temperature=np.float32(1)) is not None
+    with pytest.raises(SokhanError, match=re.escape("k = 1.0 must be an integer >= 1")):
+        decoder.next_words("i saw", k=1.0)
+
+
 def test_prefill_graph_and_stepping_agree():
     stepped = Decoder(tiny_bundle("transformer"), provider="cpu")
     fused = Decoder(tiny_bundle("transformer", *FULL), provider="cpu")
@@ -169,6 +199,19 @@ def test_batched_step_rows_are_independent(decoder):
     np.testing.assert_allclose(logits[0], logits[2], atol=1e-6)
     assert not np.allclose(logits[0], logits[1])
     assert state.batch_size == 3 and state.position == 2
+
+
+@pytest.mark.parametrize("arch", ["transformer", "mamba"])
+@pytest.mark.parametrize("graph,atol", [("decoder.onnx", 1e-6), ("decoder.fp16.onnx", 1e-3)])
+def test_a_row_decodes_the_same_alone_and_in_a_batch(arch, graph, atol):
+    """The README says so of the float32 and float16 graphs (the int8 one shares activation scales across rows)."""
+    dec = Decoder(tiny_bundle(arch, *FULL), provider="cpu", graph=graph)
+    rows = np.array([[5, 9, 12, 7], [17, 3, 3, 8], [30, 11, 6, 2]])
+    batched, alone = dec.init_state(3), dec.init_state(1)
+    for t in range(rows.shape[1]):
+        logits, batched = dec.step(rows[:, t], batched)
+        single, alone = dec.step(rows[1:2, t], alone)
+        np.testing.assert_allclose(logits[1], single[0], atol=atol, rtol=0)
 
 
 def test_cuda_requested_without_cuda_is_one_line(bundle):
@@ -453,6 +496,40 @@ def test_bad_bundle_is_one_line(bundle, tmp_path, edit, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_tokenizer_or_graph_from_another_run_is_refused(bundle, tmp_path):
+    """Two runs' tokenizers of one size passed every check, and a swapped one (or a swapped graph) made noise:
+    config.json and each graph's metadata record the tokenizer files' sha256."""
+    cfg = json.loads((bundle / "config.json").read_text())
+    assert set(cfg["files"]) == {"tokenizer.json", "segmenter.json"}
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    # A rewritten file stands in for another run's tokenizer of the same size: the check compares bytes.
+    (other / "tokenizer.json").write_text(json.dumps(json.loads((other / "tokenizer.json").read_text()), indent=1))
+    with pytest.raises(SokhanError, match=r"tokenizer\.json: not the file this model was exported with") as e:
+        Decoder(other, provider="cpu")
+    assert "\n" not in str(e.value)
+
+    # A graph exported with another tokenizer: its metadata records other files than this bundle's config.json.
+    import onnx
+
+    from sokhan.export.onnx import METADATA_KEY, write_metadata
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(bundle, swapped)
+    meta = {p.key: p.value for p in onnx.load(str(swapped / "decoder.onnx")).metadata_props}
+    graph_cfg = json.loads(meta[METADATA_KEY])
+    graph_cfg["files"] = dict(graph_cfg["files"], **{"tokenizer.json": "0" * 64})
+    write_metadata(swapped / "decoder.onnx", graph_cfg)
+    with pytest.raises(SokhanError, match=r"decoder\.onnx: exported with another tokenizer than this bundle's"):
+        Decoder(swapped, provider="cpu")
+
+    # A bundle exported before the digests were recorded still opens.
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    _edit_config("files", None)(old)
+    Decoder(old, provider="cpu")
+
+
 def test_bad_bundle_through_the_cli_exits_2(bundle, tmp_path, capsys):
     from sokhan.pipeline.cli import main
 
@@ -540,6 +617,12 @@ def test_prompt_in_no_known_script_warns_once(bundle, capsys):
     assert len(err) == 1 and "'Привет мир' has no Persian, Chinese or Latin letters; it is read as English" in err[0]
     d.next_words("the book", k=2)
     assert capsys.readouterr().err == ""
+    # A prompt that normalizes to nothing is the empty-prompt error alone, without the notice before it.
+    fresh = Decoder(bundle, provider="cpu")
+    capsys.readouterr()
+    with pytest.raises(SokhanError, match="empty prompt"):
+        fresh.generate("\u200b", 2)
+    assert capsys.readouterr().err == ""
 
 
 def test_chinese_next_word_is_not_cut_where_jieba_cuts_a_partial_word():
@@ -625,5 +708,9 @@ def test_prompts_from_stdin_are_json_lines_from_one_model(bundle, decoder):
     out = run(["generate", "--max-new-tokens", "4", "--prompt", "-"], "i saw\n".encode())
     (row,) = [json.loads(line) for line in out.stdout.decode().splitlines()]
     assert row["prompt"] == "i saw" and row["continuation"] == decoder.generate("i saw", 4)
-    out = run(["predict", "-"], b"i saw\n\xff\xfe\n")
-    assert out.returncode == 2 and "stdin line 2: not valid UTF-8" in out.stderr.decode()
+    # A line that is not UTF-8 is that line's error, like an empty prompt; it ended the whole batch once.
+    out = run(["predict", "-k", "1", "-"], b"i saw\n\xff\xfe\nthe book\n")
+    assert out.returncode == 0 and "line 2: not valid UTF-8 (byte 1)" in out.stderr.decode()
+    rows = [json.loads(line) for line in out.stdout.decode().splitlines()]
+    assert [r["line"] for r in rows] == [1, 2, 3] and rows[1] == {"line": 2, "error": "not valid UTF-8 (byte 1)"}
+    assert "words" in rows[2]

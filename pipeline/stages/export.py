@@ -41,7 +41,8 @@ class ExportConfig:
     quantize: Literal["none", "int8"] = "none"
     """``int8``: also ``decoder.int8.onnx``: ONNX Runtime dynamic quantization of the matrix weights (a scale per output
     channel) and, for a transformer whose attention is ``GroupQueryAttention``, an int8 KV cache whose scales are
-    calibrated on training text (``sokhan.export.kvcache``)."""
+    calibrated on training text (``sokhan.export.kvcache``). Activations get one scale per tensor, per call: a row's
+    logits depend a little on the other rows of its batch."""
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     """ONNX Runtime provider for the parity check (the one that actually ran is recorded)."""
     parity_steps: int = 64
@@ -157,7 +158,8 @@ or from Python:
 
 Start from the state in `config.json`'s `state` list: zeros of the given shape with `batch` your batch size{past},
 in the dtype the graph's inputs declare: float32, float16 in `decoder.fp16.onnx` (its logits stay float32), int8
-for the KV cache of a transformer's `decoder.int8.onnx` (its per-channel scales are inside the graph).
+for the KV cache of a transformer's `decoder.int8.onnx` (its per-channel scales are inside the graph). The int8
+graph quantizes activations with one scale per call, so a row's logits depend a little on the rest of its batch.
 Prefix the prompt's tokens with its language tag ({tags}; the model was trained on those), feed one token per
 call, and pass each `present.*` output back as the matching `past_key_values.*` input.{posnote}
 """
@@ -180,7 +182,7 @@ def run(ctx) -> dict:
 
     from sokhan.export import onnx as onnx_export
     from sokhan.export import kvcache, parity, prefill, quantize
-    from sokhan.export.runtime import CONFIG, DECODER, SEGMENTER, TOKENIZER, Decoder
+    from sokhan.export.runtime import CONFIG, DECODER, SEGMENTER, TOKENIZER, Decoder, file_digests
     from sokhan.pipeline.stage import atomic_write, log, write_json
     from sokhan.pipeline.stages.tokenize import read_meta
     from sokhan.pipeline.train.checkpoint import load_model
@@ -207,6 +209,7 @@ def run(ctx) -> dict:
     trained = read_meta(tok_dir).get("tokens", {}).get("train", {})
     languages = [lang for lang, n in trained.items() if n] or None
     config = onnx_export.bundle_config(mcfg, tokenizer.special_tokens, cfg.opset, cfg.prefill, languages)
+    config["files"] = file_digests(bundle)  # the runtime refuses a tokenizer or a graph from another run
     for graph in [DECODER] + (["prefill.onnx"] if cfg.prefill else []):
         onnx_export.write_metadata(bundle / graph, config)
     write_json(bundle / CONFIG, config)
