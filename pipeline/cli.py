@@ -40,7 +40,7 @@ def _common(p: argparse.ArgumentParser, run_dir_required: bool) -> None:
     p.add_argument("--run-dir", type=Path, required=run_dir_required, default=None,
                    help="the run directory (default: runs/<the config's name>, runs/sample without one)"
                    if not run_dir_required else "the run directory")
-    p.add_argument("--config", type=Path, default=None,
+    p.add_argument("--config", default=None,
                    help="a TOML config or preset name; default: the config stored in the run directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.steps=200")
@@ -53,18 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="run the stages in order (skipping those up to date)")
-    p.add_argument("config_file", nargs="?", type=Path, default=None, metavar="CONFIG",
+    p.add_argument("config_file", nargs="?", default=None, metavar="CONFIG",  # a str: ./sample is not the preset sample
                    help="TOML config or preset name (default: the run directory's stored config, else 'sample')")
     _common(p, run_dir_required=False)
     p.add_argument("--stages", default=None, help="comma-separated subset, e.g. normalize,tokenize (default: all)")
 
     p = sub.add_parser("status", help="what `sokhan run` would do, running nothing: each stage done, stale (and why) or missing")
     p.add_argument("--run-dir", type=Path, required=True, help="the run directory")
-    p.add_argument("--config", type=Path, default=None,
+    p.add_argument("--config", default=None,
                    help="a TOML config or preset name; default: the config stored in the run directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="see what this override would rerun (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 when `sokhan run` would do anything (a stage not done), 0 when all are: for scripts")
 
     for name, help_ in STAGE_HELP.items():
         p = sub.add_parser(name, help=help_)
@@ -110,16 +112,18 @@ def _status(args: argparse.Namespace) -> int:
     from sokhan.pipeline.stage import describe
 
     rows = describe(_resolve_config(args), args.run_dir)
+    # Like `make -q`: 1 means there is work to do, 2 (SokhanError) that the question could not be answered.
+    code = 1 if args.check and any(r["state"] != "done" for r in rows) else 0
     if args.json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
-        return 0
+        return code
     table = [("stage", "state", "finished", "took", "why")] + [
         (r["stage"], r["state"], (r["finished_at"] or "")[:19].replace("T", " "),
          _took(r["wall_time_s"]), r["why"] or "") for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     for row in table:
         print(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4]).rstrip())
-    return 0
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:

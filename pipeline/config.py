@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import types
 import typing
@@ -215,12 +216,16 @@ def read_toml(path: Path) -> dict[str, Any]:
 def load_config(path: Path | str | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """The run config from ``base`` (a stored config dict) or a TOML file, then ``section.key=value`` overrides.
 
-    ``path`` may name a bundled preset (``sample`` for ``pipeline/configs/sample.toml``).
+    ``path`` may name a bundled preset (``sample`` for ``pipeline/configs/sample.toml``): a bare name (no folder,
+    no suffix) that is a preset's is the preset wherever the command runs; a file of that name is ``./sample``.
     """
     data: dict[str, Any] = json.loads(json.dumps(base)) if base else {}
     if path is not None:
         p = Path(path)
-        if not p.exists() and (CONFIG_DIR / f"{path}.toml").exists():
+        # The preset before the current folder: `--config sample` read data/sample/ (a folder) in the checkout's
+        # data/, and any file called `sample` elsewhere, silently.
+        bare = "/" not in str(path) and os.sep not in str(path) and not p.suffix
+        if bare and (CONFIG_DIR / f"{path}.toml").exists():
             p = CONFIG_DIR / f"{path}.toml"
         data = read_toml(p)
     for item in overrides:

@@ -127,12 +127,16 @@ def versions() -> dict[str, str | None]:
     for mod in ("torch", "triton", "numpy", "tokenizers", "onnx", "onnxruntime", "hazm", "jieba"):
         m = sys.modules.get(mod)
         out[mod] = (getattr(m, "__version__", None) or _installed_version(mod)) if m else None  # hazm has none
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+
     try:
-        out["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
+        out["git_commit"] = git("rev-parse", "HEAD") or None
+        # A commit alone does not say which code ran when the checkout had changes: say that it had.
+        out["git_modified"] = bool(git("status", "--porcelain", "--untracked-files=no")) if out["git_commit"] else None
     except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
+        out["git_commit"] = out["git_modified"] = None
     return out
 
 
@@ -317,6 +321,13 @@ def describe(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
             else:
                 row["why"] = (f"interrupted at step {step} under other settings "
                               f"({_changes(partial / '.fingerprint.json', now)}): `sokhan run` discards it")
+        elif step is not None:  # done, beside an interrupted run that `sokhan run` leaves alone (12 MB on the sample)
+            stamp = partial / ".fingerprint"
+            same = stamp.exists() and stamp.read_text().strip() == fp
+            row["why"] = (f"{partial.name} holds a rerun interrupted at step {step} (--force): another --force "
+                          "starts it over" if same else
+                          f"{partial.name} holds a run interrupted at step {step} under other settings: resumed if "
+                          "you run with them again")
         rows.append(row)
     return rows
 

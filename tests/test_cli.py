@@ -146,6 +146,9 @@ def test_status_says_what_run_would_do_and_runs_nothing(tmp_path, capsys):
     assert out[1].startswith("normalize") and "stale" in out[1] and out[1].endswith("normalize.dedupe: True → False")
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written, config.json included
     assert main(["status", "--run-dir", str(tmp_path / "none")]) == 2
+    # --check answers a script: 1 while `sokhan run` has work to do, 0 once every stage is done.
+    assert main(["status", "--run-dir", str(run), "--check"]) == 1
+    assert main(["status", "--run-dir", str(tmp_path / "none"), "--check"]) == 2
 
 
 def test_status_says_whether_an_interrupted_training_run_would_resume(tmp_path, capsys):

@@ -26,6 +26,17 @@ def test_sample_preset_points_at_bundled_data():
         assert Path(src.path).exists(), src.path
 
 
+def test_a_preset_name_means_the_preset_in_any_folder(tmp_path, monkeypatch):
+    """`--config sample` read the checkout's data/sample/ folder from data/ ("is a directory"), and silently any
+    file called `sample` in the current folder; ./sample still names such a file."""
+    (tmp_path / "sample").write_text("[model]\ndropout = 0.0\n")
+    (tmp_path / "corpora").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config("sample") == load_config(Path(__file__).parents[1] / "pipeline" / "configs" / "sample.toml")
+    assert load_config(Path("corpora")).corpus.paths  # the preset, not the folder
+    assert load_config("./sample").model.dropout == 0.0
+
+
 def test_wheel_carries_every_source_file_and_the_sample_data(tmp_path):
     """A non-editable install carries every module and data file, the sample corpus where the preset's relative
     paths point."""

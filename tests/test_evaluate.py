@@ -57,12 +57,14 @@ def make_run(root: Path, arch: str) -> tuple[Path, RunConfig]:
 
 
 @pytest.mark.parametrize("arch", ["mamba", "transformer"])
-def test_stage_writes_report(tmp_path, arch, capsys):
+def test_stage_writes_report(tmp_path, arch, capsys, monkeypatch):
     run, config = make_run(tmp_path, arch)
-    run_stage("evaluate", config, run)
+    monkeypatch.chdir(tmp_path)
+    run_stage("evaluate", config, Path(run.name))  # as typed: a path relative to the current folder
     report = json.loads((run / "evaluate" / "report.json").read_text(encoding="utf-8"))
     assert set(report["languages"]) == {"fa", "en"}
     assert report["model"]["arch"] == arch
+    assert report["model"]["train_dir"] == str(run.resolve() / "train")  # not "run/train", from anywhere
     for lang, r in report["languages"].items():
         m, n = r["model"], r["ngram"]
         assert m["tokens"] == n["tokens"] > 0 and m["characters"] == sum(len(s) + 1 for s in VAL[lang])

@@ -53,6 +53,7 @@ def test_sample_runs_end_to_end_and_reruns_nothing(front_end, tmp_path, arch, ca
     assert main(args) == 0
     err = capsys.readouterr().err
     assert all(f"{stage}: up to date, skipped" in err for stage in STAGES)
+    assert main(["status", "--run-dir", str(run), "--check"]) == 0  # nothing left for `sokhan run` to do
 
     # The bundle alone, through the CLI.
     out = subprocess.run(

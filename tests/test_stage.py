@@ -343,3 +343,46 @@ def test_a_closed_stderr_loses_the_log_not_the_work(stages, monkeypatch):
     monkeypatch.setattr(os, "dup2", lambda *a: None)
     stage_mod.run_stage("up", load_config("sample"), stages.run)
     assert (stages.run / "up" / "manifest.json").exists()
+
+
+def test_versions_say_whether_the_checkout_had_changes(tmp_path, monkeypatch):
+    """A commit alone named the code of a run made with uncommitted changes; manifests now say there were some."""
+    import subprocess
+
+    def fake_git(status_output):
+        def run(argv, **kwargs):
+            out = "abc123\n" if argv[1] == "rev-parse" else status_output
+            return subprocess.CompletedProcess(argv, 0, stdout=out, stderr="")
+        return run
+
+    monkeypatch.setattr(stage_mod.subprocess, "run", fake_git(" M pipeline/stage.py\n"))
+    assert stage_mod.versions()["git_commit"] == "abc123" and stage_mod.versions()["git_modified"] is True
+    monkeypatch.setattr(stage_mod.subprocess, "run", fake_git(""))
+    assert stage_mod.versions()["git_modified"] is False
+
+
+def test_status_names_an_interrupted_run_beside_a_finished_stage(stages, monkeypatch):
+    """An interrupted `--force` rerun left RUN/train.partial (12 MB of checkpoints on the sample) that `run` skips
+    and `status` did not mention."""
+    monkeypatch.setattr(stage_mod, "STAGES", ("up", "down"))
+    cfg = load_config("sample")
+    up = stages.mods["up"]
+    up.RESUMABLE = True
+    up.resumable_step = lambda partial: 40 if (partial / "progress.txt").exists() else None
+    stage_mod.run_stage("up", cfg, stages.run)
+
+    def interrupted(ctx):
+        (ctx.out / "progress.txt").write_text("step 40")
+        raise KeyboardInterrupt
+
+    up.run = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        stage_mod.run_stage("up", cfg, stages.run, force=True)
+    row = stage_mod.describe(cfg, stages.run)[0]
+    assert row["state"] == "done"
+    assert row["why"] == "up.partial holds a rerun interrupted at step 40 (--force): another --force starts it over"
+    with pytest.raises(KeyboardInterrupt):
+        stage_mod.run_stage("up", load_config("sample", ["normalize.dedupe=false"]), stages.run)
+    row = stage_mod.describe(cfg, stages.run)[0]
+    assert row["state"] == "done" and row["why"] == (
+        "up.partial holds a run interrupted at step 40 under other settings: resumed if you run with them again")

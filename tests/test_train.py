@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from tiny_run import make_tiny_run, tiny_config
 
 from sokhan import SokhanError
 from sokhan.pipeline.models import build
-from sokhan.pipeline.stage import run_stage
+from sokhan.pipeline.stage import run_stage, upstream_digest
 from sokhan.pipeline.train import checkpoint as ckpt
 from sokhan.pipeline.train import loop
 from sokhan.pipeline.train.data import Batches, open_shard, validation_batches
@@ -35,6 +36,7 @@ def test_validation_loss_falls_well_below_the_unigram_baseline(trained):
     # The Markov text has ~log 3 nats of word entropy; the unigram model pays ~log(25 words) plus subword costs.
     assert m["final_val_loss"] < 0.6 * m["unigram_val_loss"], m
     assert m["best_val_loss"] <= m["final_val_loss"]
+    assert m["kernels"] in ("auto", "cpu", "reference", "triton")  # the backend asked for (SOKHAN_KERNELS)
 
 
 def test_train_writes_model_config_metrics_plot_and_checkpoints(trained):
@@ -71,6 +73,24 @@ def test_load_model_gives_back_the_final_weights(trained):
     batches = validation_batches(val, 8, 32, 2, 0 + loop.VALIDATION_SEED_OFFSET)
     got = loop.evaluate(model, batches, torch.device("cpu"), loop._autocast(torch.device("cpu")))
     assert got == pytest.approx(manifest["metrics"]["final_val_loss"], rel=1e-6)
+
+
+def test_training_again_gives_the_same_bytes(trained, tmp_path):
+    """Weights, and checkpoints too: their trainer state saved Python's and numpy's unseeded generators."""
+    import shutil
+
+    run, cfg, manifest = trained
+    again = tmp_path / "again"
+    shutil.copytree(run, again, ignore=shutil.ignore_patterns("train", "train.partial"))
+    random.seed(1234)  # as another process would start them
+    np.random.seed(1234)
+    second = run_stage("train", cfg, again)
+    timings = {"metrics.jsonl", "loss.png"}  # wall-clock step times
+    assert {k: v for k, v in second["outputs"].items() if k not in timings} == {
+        k: v for k, v in manifest["outputs"].items() if k not in timings}
+    # What export and evaluate record of training leaves those two out: they stay up to date.
+    assert set(second["reports"]) == timings
+    assert upstream_digest(second) == upstream_digest(manifest)
 
 
 def test_mamba_trains_through_the_same_stage(tmp_path):

@@ -383,7 +383,7 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
 
     return {
         "model": {"arch": mcfg.arch, "preset": mcfg.preset, "selective": mcfg.selective if mcfg.arch == "mamba" else None,
-                  "parameters": sum(p.numel() for p in model.parameters()), "train_dir": str(train_dir)},
+                  "parameters": sum(p.numel() for p in model.parameters()), "train_dir": str(Path(train_dir).resolve())},
         "ngram": ngram.stats() | ({"counted_tokens": int(ngram_counted), "train_tokens": int(ngram_of)}
                                   if ngram_counted < ngram_of else {}),
         "settings": {

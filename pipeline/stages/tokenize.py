@@ -340,6 +340,9 @@ def run(ctx) -> dict:
 
         weights = ", ".join(f"{lang} {weight[lang]:g}" for lang in langs)
         log(f"tokenize: training {cfg.model} with vocabulary {cfg.vocab_size}" + (f" (language weights {weights})" if len(langs) > 1 else ""))
+        if cfg.model == "unigram":
+            log("tokenize: HF's Unigram trainer is not reproducible: trained again on the same text it gives slightly "
+                "other scores, so other shards (pruned-bpe and bpe give the same bytes every run)")
         length = sum(math.floor(int((~held_out[lang]).sum()) * weight[lang]) for lang in langs)
         tok = Tokenizer.train(
             progress(training_pieces(), total=length, desc="tokenizer: count pieces", unit=" lines"), cfg.vocab_size,

@@ -18,6 +18,9 @@ SECTIONS = ("model", "train")
 UPSTREAM = ("tokenize", "embed")
 RESUMABLE = True
 DISTRIBUTED = True  # every torchrun process calls run(); rank 0 alone writes (see stage.run_stage)
+# Read by no later stage, and they hold wall-clock step times: training again to the same weights leaves export
+# and evaluate up to date.
+REPORTS = ("metrics.jsonl", "loss.png")
 
 
 @dataclass

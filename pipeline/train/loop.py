@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from sokhan import SokhanError, machine_error
+from sokhan.kernels import dispatch
 from sokhan.pipeline.stage import atomic_write, log, progress, write_json
 from sokhan.pipeline.stages.tokenize import read_meta
 from sokhan.pipeline.train import checkpoint as ckpt
@@ -234,7 +236,11 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
     if model_cfg.arch == "transformer" and cfg.seq_len > model_cfg.max_seq_len:
         raise SokhanError(f"config: train.seq_len = {cfg.seq_len} exceeds model.max_seq_len = {model_cfg.max_seq_len}")
 
+    # Python's and numpy's generators too: nothing here draws from them, but checkpoints save their states (for
+    # whatever a later version draws), and unseeded they made two identical runs' checkpoints differ in bytes.
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     model = build(model_cfg).to(device)
     if embeddings is not None:
         load_embeddings(model, embeddings)
@@ -360,6 +366,8 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
         "resumed_from_step": start,
         "world_size": world.size,
         "device": str(device),
+        # What ran, though not in the fingerprint: the backends agree to rounding, not to the bit.
+        "kernels": dispatch.requested(),
         "tokens_per_step": tokens_per_step,
         "final_loss": last.get("loss"),
         "final_val_loss": last.get("val_loss"),
