@@ -29,6 +29,11 @@ def _check(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
         raise SokhanError(f"{op}: kernel width {weight.shape[1]} exceeds the Triton kernel's maximum of {MAX_WIDTH}")
 
 
+def _dense(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels read the bias as ``BIAS + channel``: a strided view (``big[::2]``) must be copied first."""
+    return bias.contiguous() if bias is not None else None
+
+
 def _acc(*tensors: torch.Tensor | None) -> tuple[torch.dtype, tl.dtype]:
     """Accumulate in float32, or float64 when an input is float64 (a float64 call is then exact to float64)."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
@@ -181,6 +186,7 @@ def _conv_update_kernel(
 def causal_conv1d_fwd(x, weight, bias, activation) -> torch.Tensor:
     """x: (Bt, D, L) any strides; weight: (D, W); bias: (D,) or None. Returns (Bt, D, L) in x's dtype."""
     _check("causal_conv1d", x, weight)
+    bias = _dense(bias)
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
     out = dispatch.output_buffer((batch, dim, seqlen), x.dtype, x.device)
@@ -198,6 +204,7 @@ def causal_conv1d_fwd(x, weight, bias, activation) -> torch.Tensor:
 
 def causal_conv1d_bwd(x, weight, bias, dout, activation):
     """Gradients (dx (Bt, D, L), dweight (D, W), dbias (D,) or None) for the forward above."""
+    bias = _dense(bias)
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
     block_d, block_l = _blocks(dim, seqlen)
@@ -227,6 +234,7 @@ def causal_conv1d_update_fwd(x, conv_state, weight, bias, activation) -> torch.T
         raise SokhanError(
             f"causal_conv1d_update: conv_state dtype {conv_state.dtype} is not float32/float16/bfloat16/float64"
         )
+    bias = _dense(bias)
     batch, dim = x.shape
     width = weight.shape[1]
     out = dispatch.output_buffer((batch, dim), x.dtype, x.device)

@@ -48,8 +48,11 @@ def _ce_fwd_kernel(
         m = m_new
     lse = m + tl.log(s)
     valid = target != ignore_index
-    target_logit = tl.load(row_ptr + target, mask=valid, other=0.0).to(ACC)
-    tl.store(LOSS + row, tl.where(valid, lse - target_logit, 0.0))
+    # A target outside [0, V) read another row's logit (or past the tensor) into a finite loss; its loss is NaN
+    # instead, which the training loop stops on. F.cross_entropy raises, at the cost of a host sync per call.
+    inside = (target >= 0) & (target < V)
+    target_logit = tl.load(row_ptr + target, mask=valid & inside, other=0.0).to(ACC)
+    tl.store(LOSS + row, tl.where(valid, tl.where(inside, lse - target_logit, float("nan")), 0.0))
     tl.store(LSE + row, lse)
 
 

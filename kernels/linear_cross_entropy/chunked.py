@@ -74,9 +74,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         total, count, grad_hidden, grad_weight = chunked_loss(hidden, weight, targets, ignore_index, rows, grads=True)
         ones = torch.ones((), dtype=torch.float64, device=hidden.device)
         scale = 1.0 / count.double() if reduction == "mean" else ones
-        ctx.save_for_backward(grad_hidden, grad_weight, scale)
+        # "mean" with every row ignored is 0 / 0 = NaN, as in F.cross_entropy, and its gradients 0 as there: scaled
+        # by 1 / 0 they were 0 * inf = NaN, which one all-padding micro-batch spread through gradient accumulation.
+        ctx.save_for_backward(grad_hidden, grad_weight, torch.where(count > 0, scale, torch.zeros_like(scale)))
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        # "mean" with every row ignored is 0 / 0 = NaN, as in F.cross_entropy.
         return (total * scale).to(grad_hidden.dtype)
 
     @staticmethod

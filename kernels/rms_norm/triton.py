@@ -122,6 +122,7 @@ def rms_norm_fwd(x, weight, eps, residual):
     if x.dtype not in DTYPES or weight.dtype not in DTYPES or (residual is not None and residual.dtype not in DTYPES):
         raise SokhanError("rms_norm: the Triton kernel takes float32/float16/bfloat16/float64; use backend='reference'")
     x = _rows(x)
+    weight = weight.contiguous()  # read as ``Wt + column``: a strided view (``big[::2]``) is copied first
     M, N = x.shape
     block_n, num_warps = _block(N)
     out = dispatch.output_buffer((M, N), x.dtype, x.device)
@@ -146,6 +147,7 @@ def rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype, residual_dtype):
     """Gradients (dx (M, N), dresidual (M, N) or None, dweight (N,)); ``dh`` is the gradient of the returned stream."""
     dy = _rows(dy)
     dh = _rows(dh) if dh is not None else None
+    weight = weight.contiguous()
     M, N = h.shape
     block_n, num_warps = _block(N)
     # One program per SM on a GPU, each reducing its rows' weight gradient in registers.

@@ -116,6 +116,17 @@ def test_bad_arguments_raise_one_line():
         cross_entropy(logits[None], torch.zeros(4, dtype=torch.long, device=DEVICE))
 
 
+def test_a_target_outside_the_vocabulary_is_a_nan_loss():
+    """It was a finite loss read from the next row's logits (or past the tensor); F.cross_entropy raises."""
+    torch.manual_seed(8)
+    logits = torch.randn(5, 37, device=DEVICE)
+    targets = torch.tensor([3, 37, -5, 1037, -100], device=DEVICE)
+    losses = cross_entropy(logits, targets, reduction="none", backend="triton")
+    assert losses[1:4].isnan().all() and losses[4] == 0
+    assert rel_rms(losses[:1], cross_entropy_ref(logits[:1].double(), targets[:1], reduction="none")) <= 1e-6
+    assert cross_entropy(logits, targets, backend="triton").isnan()
+
+
 def test_cpu_without_the_interpreter_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(dispatch, "interpreting", lambda: False)
     with pytest.raises(SokhanError, match="cross_entropy: the Triton backend needs CUDA tensors"):

@@ -62,6 +62,18 @@ def test_chunked_loss_and_gradients_match_float64(rows, d, vocab, chunk, reducti
     assert torch.all(dh[1::4] == 0)  # ignored rows get no gradient
 
 
+def test_every_row_ignored_is_a_nan_mean_with_zero_gradients():
+    """As F.cross_entropy: 0 / 0 for the loss, but no gradient; the gradients were 0 * (1 / 0) = NaN, which one
+    all-padding micro-batch spread through gradient accumulation."""
+    hidden, weight, targets = inputs(9, 8, 30, torch.float64, seed=3)
+    targets[:] = IGNORE
+    loss = linear_cross_entropy_chunked(hidden, weight, targets, IGNORE, "mean", rows=4)
+    dh, dw = torch.autograd.grad(loss, [hidden, weight])
+    loss64, dh64, dw64 = reference(hidden, weight, targets, "mean", torch.tensor(1.0, dtype=torch.float64))
+    assert loss.isnan() and loss64.isnan()
+    assert torch.equal(dh, dh64) and torch.equal(dw, dw64) and not dh.any() and not dw.any()
+
+
 def test_without_a_graph_only_the_loss_is_computed():
     hidden, weight, targets = inputs(37, 16, 50, torch.float64, seed=1)
     with_graph = linear_cross_entropy_chunked(hidden, weight, targets, IGNORE, rows=5)

@@ -124,6 +124,19 @@ def test_strided_rows():
     assert rel_rms(rms_norm(x, weight, backend="triton"), rms_norm_ref(x.double(), weight.double())) <= TOL_FP32
 
 
+def test_strided_weight():
+    """A weight that is a view (``big[::2]``) was read as if contiguous: output and dx wrong by over 100 %."""
+    torch.manual_seed(6)
+    x = torch.randn(9, 24, device=DEVICE, requires_grad=True)
+    weight = torch.randn(48, device=DEVICE)[::2].requires_grad_(True)
+    out = rms_norm(x, weight, backend="triton")
+    dx, dw = torch.autograd.grad(out, [x, weight], torch.ones_like(out))
+    x64, w64 = x.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    out64 = rms_norm_ref(x64, w64)
+    dx64, dw64 = torch.autograd.grad(out64, [x64, w64], torch.ones_like(out64))
+    assert rel_rms(out, out64) <= TOL_FP32 and rel_rms(dx, dx64) <= TOL_FP32 and rel_rms(dw, dw64) <= TOL_FP32
+
+
 def test_bad_arguments_raise_one_line():
     x = torch.randn(3, 8, device=DEVICE)
     with pytest.raises(SokhanError, match="weight has shape"):
