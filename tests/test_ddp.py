@@ -139,3 +139,22 @@ def test_a_full_disk_on_rank_0_stops_both_processes(tmp_path):
     assert "sokhan: error: train: cannot write" in err and "No space left on device" in err, err[-3000:]
     # The first checkpoint failed: nothing to resume, so nothing kept (the half-written folder went with it).
     assert not (run / "train.partial").exists() and not (run / "train").exists()
+
+
+def test_each_process_draws_its_own_dropout_masks_and_resumes_them():
+    """Every rank was seeded alike, so all drew the same dropout masks (for different windows)."""
+    import torch
+
+    from sokhan.pipeline.train.loop import reseed_rank
+
+    def draws(rank: int, step: int, before: int) -> torch.Tensor:
+        torch.manual_seed(before)  # whatever the process drew until then
+        reseed_rank(7, ddp.World(rank, rank, 2), step)
+        return torch.rand(16)
+
+    torch.manual_seed(7)
+    own = torch.rand(16)
+    assert torch.equal(draws(0, 0, 7), own)  # rank 0 keeps its stream, which checkpoints carry
+    assert not torch.equal(draws(1, 0, 7), draws(0, 0, 7))
+    # Renewed at each checkpoint step from the step alone: a rank resumed there draws what it drew uninterrupted.
+    assert torch.equal(draws(1, 6, 123), draws(1, 6, 456)) and not torch.equal(draws(1, 6, 1), draws(1, 3, 1))

@@ -266,3 +266,33 @@ def test_finished_training_that_could_not_be_published_resumes_with_its_figures(
     assert m["resumed_from_step"] == 6
     last = _records(run / "train")[-1]
     assert m["final_loss"] == last["loss"] and m["final_val_loss"] == last["val_loss"]
+
+
+def test_a_best_checkpoint_newer_than_the_resumed_one_keeps_its_figures(base, tmp_path, monkeypatch):
+    """Killed after `best` was written at step 6 but before checkpoint 8: the resumed run took best_step and its loss
+    from checkpoint 4 while publish = "best" published step 6's weights. Where the resumed steps do not repeat the
+    killed ones (a GPU, another process count; here: validation made worse by hand), the two disagreed."""
+    from sokhan.pipeline.train import loop
+
+    cfg = tiny_config("train.steps=8", "train.ckpt_every=4", "train.eval_every=2", "train.publish=best")
+    run = _copy(base, tmp_path / "killed")
+    real = ckpt.save_model_folder
+
+    def save_then_die(folder, model, config, extra=None):
+        real(folder, model, config, extra)
+        if extra and extra.get("step") == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save_model_folder", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("train", cfg, run)
+    monkeypatch.setattr(ckpt, "save_model_folder", real)
+    best = json.loads((run / "train.partial" / "checkpoints" / "best" / "info.json").read_text())
+    assert best["step"] == 6
+
+    worse = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *args: worse(*args) + 1.0)  # the resumed steps do not repeat
+    m = run_stage("train", cfg, run)["metrics"]
+    assert (m["best_step"], m["best_val_loss"]) == (6, best["val_loss"])
+    published = run / "train" / "model.safetensors"
+    assert published.read_bytes() == (run / "train" / "checkpoints" / "best" / "model.safetensors").read_bytes()

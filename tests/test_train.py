@@ -261,7 +261,17 @@ def test_warmup_longer_than_the_run_is_announced(tmp_path, capsys):
     cfg = tiny_config("train.steps=4", "train.warmup_steps=8", "train.eval_every=4", "train.ckpt_every=4")
     run_stage("embed", cfg, run)
     run_stage("train", cfg, run)
-    assert "train.warmup_steps = 8 ≥ train.steps = 4: the learning rate is still warming up" in capsys.readouterr().err
+    assert ("train.warmup_steps = 8 leaves train.steps = 4 no room for the cosine decay: the learning rate is still "
+            "warming up when training ends (it peaks at 0.005), never train.min_lr = 0.001") in capsys.readouterr().err
+    # Warmup up to the last step but one: the peak, then no decay ("peaks at 0.01, not 0.01" said the old notice).
+    for warmup in (3, 4):
+        other = make_tiny_run(tmp_path / f"run{warmup}")
+        cfg = tiny_config("train.steps=4", f"train.warmup_steps={warmup}", "train.eval_every=4", "train.ckpt_every=4")
+        run_stage("embed", cfg, other)
+        run_stage("train", cfg, other)
+        assert (f"train.warmup_steps = {warmup} leaves train.steps = 4 no room for the cosine decay: the learning rate "
+                "reaches train.lr = 0.01 and ends there") in capsys.readouterr().err
+    assert lr_at(3, 0.01, 0.001, 3, 4) == pytest.approx(0.01) and lr_at(3, 0.01, 0.001, 2, 4) == pytest.approx(0.001)
 
 
 def test_unigram_val_loss_counts_in_chunks(monkeypatch):

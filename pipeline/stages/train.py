@@ -51,7 +51,9 @@ class TrainConfig:
     eval_every: int = 100
     """Steps between validation losses (and at the last step)."""
     eval_batches: int = 8
-    """Batches of held-out windows per validation loss: fixed windows, the same at every evaluation."""
+    """Batches of held-out windows per validation loss: fixed windows, the same at every evaluation. Which windows
+    depends on ``batch_size`` and ``seed``: compare validation losses across runs that share both (``sokhan
+    evaluate`` scores the same text for any run)."""
     ckpt_every: int = 100
     """Steps between checkpoints (and at the last step); a killed run resumes from the newest."""
     keep_last: int = 2
@@ -120,9 +122,14 @@ def run(ctx) -> dict:
     model_cfg = ctx.config.model.resolve(int(meta["vocab_size"]))
     main = ddp.is_main_process()
     cfg = ctx.config.train
-    if main and cfg.warmup_steps >= cfg.steps:  # allowed (a short trial run), but it never reaches train.lr
-        log(f"train: train.warmup_steps = {cfg.warmup_steps} ≥ train.steps = {cfg.steps}: the learning rate is "
-            f"still warming up when training ends (it peaks at {cfg.lr * cfg.steps / max(cfg.warmup_steps, 1):.3g}, not {cfg.lr:g})")
+    if main and cfg.steps > 1 and cfg.warmup_steps >= cfg.steps - 1:
+        # Allowed (a short trial run), but the cosine needs two steps after the warmup to reach min_lr (lr_at).
+        if cfg.warmup_steps > cfg.steps:
+            where = f"is still warming up when training ends (it peaks at {cfg.lr * cfg.steps / cfg.warmup_steps:.3g})"
+        else:
+            where = f"reaches train.lr = {cfg.lr:g} and ends there"
+        log(f"train: train.warmup_steps = {cfg.warmup_steps} leaves train.steps = {cfg.steps} no room for the cosine "
+            f"decay: the learning rate {where}, never train.min_lr = {cfg.min_lr:g}")
     if main and getattr(ctx.args, "resume", False) and not (ctx.resumed and checkpoints(ctx.out / "checkpoints")):
         raise SokhanError(
             f"--resume: no checkpoint of an interrupted run with this config in {ctx.out} "

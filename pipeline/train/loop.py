@@ -67,6 +67,15 @@ def unigram_val_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> flo
 
 
 @torch.no_grad()
+def reseed_rank(seed: int, world: ddp.World, step: int) -> None:
+    """Under torchrun, a generator of its own for each process after the first, for its dropout masks: with the
+    one seed everywhere every rank drew the same masks (for other windows), which one process on the doubled batch
+    does not. Rank 0's state travels in the checkpoints; the others' is derived from the step, renewed at each
+    checkpoint step, so that a run resumed from one draws what the uninterrupted run drew."""
+    if world.rank > 0:
+        torch.manual_seed(seed + 1_000_003 * world.rank + step)
+
+
 def evaluate(model: nn.Module, batches: list, device: torch.device, autocast) -> float:
     model.eval()
     losses = []
@@ -263,6 +272,14 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
         batches.load_state(state["data"])
         best_val = state.get("best_val_loss") if state.get("best_val_loss") is not None else math.inf
         best_step = state.get("best_step")
+        # A best folder written after that checkpoint (the killed run went on improving) is what publish = "best"
+        # would publish: its figures, not the checkpoint's, or the manifest named other weights than it published.
+        # (On CPU the resumed steps repeat and would write it again; on a GPU, or with another process count, not.)
+        info = root / "best" / "info.json"
+        if info.exists():
+            best = json.loads(info.read_text(encoding="utf-8"))
+            if best.get("step", 0) > start and best.get("val_loss") is not None:
+                best_val, best_step = best["val_loss"], best["step"]
         if world.main:
             log(f"train: resuming from {ckpt.step_dir(root, start)}")
             was = state.get("world_size", 1)
@@ -271,6 +288,7 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
                     f"{world.size}/{was} as many windows, so the run continues but no longer repeats the uninterrupted one "
                     f"(resume with {was} for that)")
 
+    reseed_rank(cfg.seed, world, start)
     forward = torch.compile(model) if cfg.compile else model
     train_model = ddp.wrap(forward, world, device)
     autocast = _autocast(device)
@@ -353,6 +371,8 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
             if world.main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
                 with _writing(ckpt.step_dir(root, step), root):
                     ckpt.save_checkpoint(root, step, model, optimizer, run_config, trainer_state(step, lr), cfg.keep_last)
+            if step % cfg.ckpt_every == 0:
+                reseed_rank(cfg.seed, world, step)
             last = rec
     if bar is not None:
         bar.close()

@@ -49,8 +49,9 @@ def build_optimizer(
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """The learning rate for optimizer step ``step`` (0-based): linear warmup to ``lr``, cosine decay to ``min_lr``.
 
-    Warmup starts at ``lr / warmup_steps`` (not 0, so the first step moves); the cosine reaches ``min_lr`` at the
-    last step.
+    Warmup starts at ``lr / warmup_steps`` (not 0, so the first step moves); the cosine starts at ``lr`` and reaches
+    ``min_lr`` at the last step, given two steps or more after the warmup (with one, the run ends at ``lr``: the
+    train stage says so).
     """
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
