@@ -11,7 +11,7 @@ bias) is captured by wrapping each mixer's ``_ssm_params_channel_major`` for the
 LTI ablation's Δ is the same at every token.
 
 Tokens are labelled with their text (``plotting.label``: Persian shaped and in visual order); time runs left to
-right, whatever the script's direction.
+right, whatever the script's direction: a Persian sentence's first token is the leftmost column.
 """
 
 from __future__ import annotations
@@ -86,11 +86,17 @@ def delta_maps(model, ids) -> list:
     return maps
 
 
+# Characters that draw nothing, named where a token is nothing else (Persian's bare ZWNJ token is common).
+INVISIBLE = {"\u200c": "ZWNJ", "\u200d": "ZWJ", "\u200e": "LRM", "\u200f": "RLM", "\u061c": "ALM", "\ufeff": "BOM"}
+PART = "…"  # after a piece holding part of a character's bytes ("·" read as the Persian zero "۰" after digits)
+
+
 def token_labels(tokenizer, ids: list[int]) -> list[str]:
     """Each token's text for a tick label: specials by name (``<|lang:fa|>`` -> ``<fa>``), Persian shaped.
 
     A byte-level token may hold part of a character (a Chinese character is 3 bytes, often split in a small
-    vocabulary); such a token is labelled with every character it has bytes of, followed by "·".
+    vocabulary); such a token is labelled with every character it has bytes of, followed by "…" (after, in the
+    text's own direction: on the left of a Persian piece). A space is "␣", a bare ZWNJ "ZWNJ".
     """
     from sokhan.pipeline.plotting import label
 
@@ -113,8 +119,10 @@ def token_labels(tokenizer, ids: list[int]) -> list[str]:
         for a, b in spans:
             chars = [k for k in range(len(text)) if starts[k] < b and starts[k + 1] > a]
             piece = "".join(text[k] for k in chars).strip() or "␣"
+            if all(c in INVISIBLE for c in piece):
+                piece = "+".join(INVISIBLE[c] for c in piece)
             whole = all(a <= starts[k] and starts[k + 1] <= b for k in chars)
-            out.append(label(piece) + ("" if whole else "·"))
+            out.append(label(piece + ("" if whole else PART)))  # before label: bidi puts it after a Persian piece
         run.clear()
 
     for i in ids:
@@ -132,10 +140,11 @@ MAX_INCHES = 60.0  # a figure's side at most (9000 pixels at the 150 dpi plots a
 
 
 def plot_attention(maps: list, labels: list[str], title: str, out: Path) -> list[Path]:
-    """One PNG per layer, a heatmap per head; returns the paths."""
+    """One PNG per layer, a heatmap per head (rows: the predicting token, columns: the tokens it attends to, both in
+    text order), on one 0-1 colour scale; returns the paths. ``title``: ready to draw (``plotting.label``)."""
     import matplotlib.pyplot as plt
 
-    from sokhan.pipeline.plotting import label, save, setup_fonts
+    from sokhan.pipeline.plotting import save, setup_fonts
 
     setup_fonts()
     paths = []
@@ -152,12 +161,14 @@ def plot_attention(maps: list, labels: list[str], title: str, out: Path) -> list
             if h >= heads:
                 ax.axis("off")
                 continue
-            ax.imshow(att[h], cmap="viridis", vmin=0.0, vmax=1.0)
+            im = ax.imshow(att[h], cmap="viridis", vmin=0.0, vmax=1.0)
             ax.set_title(f"layer {layer} head {h}", fontsize=9)
             ax.set_xticks(range(L), labels, rotation=90, fontsize=font)
             ax.set_yticks(range(L), labels, fontsize=font)
             ax.set_xlabel("attended token")
-        fig.suptitle(label(title))
+            ax.set_ylabel("predicting token")
+        fig.colorbar(im, ax=axes, label="attention weight", shrink=0.6)
+        fig.suptitle(title)
         paths.append(save(fig, out / f"attention_layer{layer}.png"))
     return paths
 
@@ -167,12 +178,14 @@ def plot_delta(maps: list, labels: list[str], title: str, out: Path) -> Path:
 
     Channels start at very different time scales (Δ's bias is spread log-uniformly), which would drown the
     per-token pattern; the heatmap shows each channel's Δ relative to its own mean over the text, in log2:
-    above 0, the channel takes in more of this token than usual; below, it lets the token pass.
+    above 0, the channel takes in more of this token than usual; below, it lets the token pass. The colour scale
+    ends at the 99th percentile of |log2|, the few cells beyond it drawn at its ends: scaled to the largest cell,
+    most of the map was near white. ``title``: ready to draw (``plotting.label``).
     """
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from sokhan.pipeline.plotting import label, save, setup_fonts
+    from sokhan.pipeline.plotting import save, setup_fonts
 
     setup_fonts()
     L = len(labels)
@@ -189,12 +202,13 @@ def plot_delta(maps: list, labels: list[str], title: str, out: Path) -> Path:
         line.set_ylabel("mean Δ")
         line.set_title(f"layer {layer}", fontsize=9)
         rel = np.log2(delta / delta.mean(axis=0, keepdims=True)).T  # (D, L)
-        lim = max(float(np.abs(rel).max()), 1e-6)
+        lim = max(float(np.percentile(np.abs(rel), 99)), 1e-6)
         im = heat.imshow(rel, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
         heat.set_xticks(range(L), labels, rotation=90, fontsize=font)
+        heat.set_xlabel("token")
         heat.set_ylabel("channel")
-        fig.colorbar(im, ax=heat, label="log2 Δ / channel mean", pad=0.01)
-    fig.suptitle(label(title))
+        fig.colorbar(im, ax=heat, label="log2 Δ / channel mean", pad=0.01, extend="both")
+    fig.suptitle(title)
     return save(fig, out / "delta.png")
 
 
@@ -210,6 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from sokhan.pipeline.plotting import label
     from sokhan.pipeline.stage import ensure_dir, log, require_trained
     from sokhan.pipeline.train.checkpoint import load_model
     from sokhan.tokenization import Tokenizer, detect_language
@@ -239,7 +254,8 @@ def main(args: argparse.Namespace) -> int:
     out = ensure_dir(args.out or run / "inspect", "--out")
     labels = token_labels(tokenizer, ids)
     batch = torch.as_tensor([ids], dtype=torch.int64)
-    title = f"{cfg.arch}: {tokenizer.normalize(args.text, lang)}"
+    # The text shaped on its own: inside "mamba: …" the Latin prefix made bidi lay the whole title out left to right.
+    title = f"{cfg.arch}: {label(tokenizer.normalize(args.text, lang))}"
     if cfg.arch == "transformer":
         paths = plot_attention(attention_maps(model, batch), labels, title, out)
     else:

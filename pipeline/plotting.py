@@ -17,7 +17,8 @@ import warnings
 from pathlib import Path
 
 # Preferred families per script, best first. The CJK collection (.ttc) is listed by matplotlib under the name of its
-# first face, which differs between distributions (JP on Debian, SC elsewhere); every face carries all Han glyphs.
+# first face, which differs between distributions (JP on Debian, SC elsewhere); every face carries all Han glyphs,
+# but in its own locale's shapes (令, 骨, 直 are drawn otherwise in JP): ``_simplified_chinese`` finds the SC face.
 ARABIC_FONTS = ("Noto Sans Arabic", "Noto Naskh Arabic", "Vazirmatn", "DejaVu Sans")
 HAN_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Serif CJK SC", "Noto Serif CJK JP",
              "WenQuanYi Zen Hei", "Droid Sans Fallback")
@@ -63,6 +64,49 @@ def _pick(candidates: tuple[str, ...], installed: set[str], script: str) -> str 
     return None
 
 
+def _simplified_chinese(installed: set[str]) -> str | None:
+    """Where the CJK collection is listed under another face's name, its Simplified Chinese face, written once as a
+    font of its own (fontTools, which matplotlib depends on; 0.3 s and 16 MB in the user's cache folder) and added
+    to matplotlib: it reads only a collection's first face. None where there is none or it cannot be written."""
+    from matplotlib import font_manager
+
+    want = "Noto Sans CJK SC"
+    if want in installed or not any(name.startswith("Noto Sans CJK") for name in installed):
+        return want if want in installed else None
+    # The regular weight's collection (Debian installs a bold one beside it; labels are drawn regular).
+    sources = sorted((f.weight not in (400, "normal", "regular"), f.fname) for f in font_manager.fontManager.ttflist
+                     if f.name.startswith("Noto Sans CJK") and f.fname.lower().endswith(".ttc"))
+    if not sources:
+        return None
+    src = Path(sources[0][1])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sokhan" / "fonts"
+    stat = src.stat()
+    dst = cache / f"{src.stem}-SC-{stat.st_size}-{int(stat.st_mtime)}.otf"
+    try:
+        if not dst.exists():
+            from fontTools.ttLib import TTCollection
+
+            faces = TTCollection(str(src), lazy=True).fonts
+            face = next((f for f in faces if f["name"].getDebugName(1) == want), None)
+            if face is None:
+                return None
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+            try:
+                face.save(str(tmp))
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)
+        font_manager.fontManager.addfont(str(dst))
+    except Exception as e:  # noqa: BLE001 (a read-only home, a damaged file: the collection's first face will do)
+        if "Han shapes" not in _warned:
+            _warned.add("Han shapes")
+            warnings.warn(f"could not extract the Simplified Chinese face of {src} ({e}); Chinese labels are drawn "
+                          "in the collection's first face's shapes", stacklevel=3)
+        return None
+    return want
+
+
 def setup_fonts() -> list[str]:
     """Select the Agg backend and a fallback font list covering Latin, Arabic script and Han; returns the list.
 
@@ -75,7 +119,7 @@ def setup_fonts() -> list[str]:
     if _fonts is None:
         installed = _available()
         picked = [_pick(LATIN_FONTS, installed, "Latin"), _pick(ARABIC_FONTS, installed, "Arabic script"),
-                  _pick(HAN_FONTS, installed, "Han (Chinese)")]
+                  _simplified_chinese(installed) or _pick(HAN_FONTS, installed, "Han (Chinese)")]
         _fonts = list(dict.fromkeys(p for p in picked if p)) or ["sans-serif"]
     matplotlib.rcParams["font.family"] = _fonts
     # Missing-glyph warnings would repeat once per label; the missing-font warning above already said it.

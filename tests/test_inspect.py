@@ -108,12 +108,50 @@ def test_token_labels_are_shaped(runs):
         if "\ufffd" not in piece:
             assert lab == label(piece.strip() or "␣")  # a lone space gets a visible mark
         else:
-            assert lab.endswith("·")  # part of a character: the character, marked
+            assert inspect.PART in lab  # part of a character: the character, marked
     assert any(lab != tok.decode([i]).strip() for i, lab in zip(ids[1:-1], labels[1:-1]))  # Persian was reshaped
     # The throwaway vocabulary splits Chinese characters into bytes: each piece names its whole character.
     zh = inspect.token_labels(tok, tok.encode("狮子", "zh"))
-    assert len(zh) > 2 and all(lab.endswith("·") for lab in zh)
-    assert "".join(dict.fromkeys(lab.rstrip("·") for lab in zh)) == "狮子"
+    assert len(zh) > 2 and all(lab.endswith(inspect.PART) for lab in zh)
+    assert "".join(dict.fromkeys(lab.rstrip(inspect.PART) for lab in zh)) == "狮子"
+    # The mark comes after a split character in reading order: left of a Persian letter, right of a digit (numbers
+    # run left to right in Persian too). "·" was always on the right, and read as the Persian zero after digits.
+    fa = [lab for lab in inspect.token_labels(tok, tok.encode("ژ ۱۴۰۲", "fa")) if inspect.PART in lab]
+    letters, digits = [lab for lab in fa if "۱" not in lab and "۴" not in lab and "۲" not in lab and "۰" not in lab], \
+        [lab for lab in fa if any(d in lab for d in "۰۱۲۴")]
+    assert letters and all(lab.startswith(inspect.PART) for lab in letters)
+    assert digits and all(lab.endswith(inspect.PART) for lab in digits)
+
+
+class _Pieces:
+    """A stand-in tokenizer whose tokens are the given byte strings (one id each)."""
+
+    special_tokens: dict = {}
+
+    def __init__(self, pieces: list[bytes]):
+        self.pieces = pieces
+
+    def id_to_bytes(self, i: int) -> bytes:
+        return self.pieces[i]
+
+
+def test_a_token_that_draws_nothing_is_named():
+    """The corpora vocabulary's bare ZWNJ token (دانش‌آموزان, بی‌شمار) had a blank label."""
+    tok = _Pieces(["دانش".encode(), "\u200c".encode(), "آموزان".encode(), " ".encode()])
+    assert inspect.token_labels(tok, [0, 1, 2, 3]) == [label("دانش"), "ZWNJ", label("آموزان"), "␣"]
+
+
+def test_a_persian_title_keeps_its_order_behind_the_model_name(runs, tmp_path, monkeypatch):
+    """"mamba: " + a Persian text with Latin words in it was laid out left to right as a whole: the halves swapped."""
+    import arabic_reshaper
+    from bidi.algorithm import get_display
+
+    seen = []
+    monkeypatch.setattr(inspect, "plot_delta", lambda maps, labels, title, out: seen.append(title) or out / "x.png")
+    text = "او به Google رفت"
+    assert main(["inspect", "--run-dir", str(runs["mamba"]), "--text", text, "--out", str(tmp_path)]) == 0
+    assert seen == ["mamba: " + label(text)] and seen[0] != label("mamba: " + text)
+    assert label(text) == get_display(arabic_reshaper.reshape(text), base_dir="R")  # a right-to-left paragraph
 
 
 def test_bad_input(tmp_path, runs, capsys):

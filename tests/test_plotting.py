@@ -57,6 +57,52 @@ def test_setup_fonts_covers_arabic_and_han(fresh_fonts):
         assert covered(ch), f"no font in {families} has {ch!r}"
 
 
+def _cjk_collection(monkeypatch, tmp_path):
+    """A font list as Debian's: the collection under its first face's name and no SC face yet (an earlier test may
+    have added the extracted one to matplotlib), extracted into ``tmp_path``."""
+    from matplotlib import font_manager
+
+    found = [f for f in font_manager.fontManager.ttflist
+             if f.name.startswith("Noto Sans CJK") and f.fname.lower().endswith(".ttc")]
+    if not found:
+        pytest.skip("no Noto Sans CJK collection (.ttc) installed here (apt: fonts-noto-cjk)")
+    installed = {f.name for f in font_manager.fontManager.ttflist} - {"Noto Sans CJK SC"} | {found[0].name}
+    monkeypatch.setattr(plotting, "_available", lambda: installed)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+
+def test_chinese_is_drawn_with_the_simplified_chinese_face(fresh_fonts, monkeypatch, tmp_path):
+    """Debian's collection is listed under its first face, Japanese: 令, 骨, 直 came out in Japanese shapes."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    _cjk_collection(monkeypatch, tmp_path)
+    assert "Noto Sans CJK SC" in plotting.setup_fonts()
+    path = font_manager.findfont(font_manager.FontProperties(family="Noto Sans CJK SC"), fallback_to_default=False)
+    face = FT2Font(path)
+    assert (face.family_name, face.style_name) == ("Noto Sans CJK SC", "Regular") and face.get_char_index(ord("令"))
+    written = sorted((tmp_path / "sokhan" / "fonts").iterdir())
+    assert [p.suffix for p in written] == [".otf"]  # one face, no temporaries
+    monkeypatch.setattr(plotting, "_fonts", None)
+    before = written[0].stat().st_mtime_ns
+    plotting.setup_fonts()  # again: from the cache, not written again
+    assert sorted((tmp_path / "sokhan" / "fonts").iterdir()) == written and written[0].stat().st_mtime_ns == before
+
+
+def test_a_face_that_cannot_be_extracted_is_a_warning(fresh_fonts, monkeypatch, tmp_path):
+    import fontTools.ttLib
+
+    _cjk_collection(monkeypatch, tmp_path)
+
+    def broken(*args, **kwargs):
+        raise OSError("damaged collection")
+
+    monkeypatch.setattr(fontTools.ttLib, "TTCollection", broken)
+    with pytest.warns(UserWarning, match="could not extract the Simplified Chinese face"):
+        families = plotting.setup_fonts()
+    assert "Noto Sans CJK SC" not in families and any(f in families for f in plotting.HAN_FONTS)
+
+
 @pytest.mark.filterwarnings("ignore:Glyph .* missing from font")  # expected here: no fonts were found
 def test_missing_fonts_warn_once_and_do_not_fail(fresh_fonts, monkeypatch, tmp_path):
     monkeypatch.setattr(plotting, "_available", lambda: set())
