@@ -636,6 +636,10 @@ class Decoder:
         _integer("k", k, 1)
         lang = self.language(text, lang)
         logits, state = self.prefill(self.encode_prompt(text, lang))
+        if self.max_context is not None and state.position >= self.max_context:
+            # One more token would fit the context, but not the step that sees whether the word ends there.
+            raise SokhanError(f"prompt of {state.position} tokens fills the model's max_context = {self.max_context}: "
+                              "no room left to spell a next word; shorten it")
         search.setdefault("max_tokens", 8)
         if self.max_context is not None:  # the search steps max_tokens - 1 times at most: stay inside the context
             search["max_tokens"] = max(1, min(search["max_tokens"], self.max_context - state.position + 1))

@@ -386,6 +386,12 @@ def test_next_words_stay_inside_the_context_limit(decoder):
     cut = decoder.tokenizer.decode(ids[1:decoder.max_context - 2])  # about max_context - 3 tokens with the tag
     found = decoder.next_words(cut, k=3, lang="en")
     assert 1 <= len(found) <= 3
+    # A prompt that fills the context: no word could be spelt, and the CLI said only "0 of 3 words found".
+    full = decoder.encode_prompt(cut, "en")
+    exact = Decoder(decoder.bundle, provider="cpu")
+    exact.max_context = len(full)
+    with pytest.raises(SokhanError, match=f"prompt of {len(full)} tokens fills the model's max_context = {len(full)}"):
+        exact.next_words(cut, k=3, lang="en")
 
 
 def test_first_word_boundaries():
