@@ -238,6 +238,8 @@ def check_files(bundle: Path, cfg: dict[str, Any]) -> None:
     recorded = cfg.get("files")
     if not recorded:  # bundles exported before sokhan recorded them
         return
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise SokhanError(f"{bundle / CONFIG}: key 'files' must map file names to sha256 digests, not {recorded!r:.60}")
     for name, digest in file_digests(bundle).items():
         if recorded.get(name) not in (None, digest):
             raise SokhanError(f"{bundle / name}: not the file this model was exported with ({CONFIG} records sha256 "
@@ -536,13 +538,14 @@ class Decoder:
         if lang is not None:
             return lang
         lang = detect_language(text)
-        if lang is None:  # no Arabic-script, Han or Latin letters (Cyrillic, kana, digits alone)
+        if lang is None:  # no Arabic-script, Han or Latin words (Cyrillic, kana, digits, a URL alone)
             # An empty prompt is an error of its own, said without a notice first ('\u200b' normalizes to nothing).
             if not self.tokenizer.encode(text, lang="en"):
                 raise SokhanError(f"empty prompt {text!r}: give at least one character of text")
             if None not in self._warned:
                 self._warned.add(None)
-                print(f"sokhan: {text[:30]!r} has no Persian, Chinese or Latin letters; it is read as English text, "
+                print(f"sokhan: {text[:30]!r} has no Persian, Chinese or Latin words (a URL or an e-mail address is "
+                      "none); it is read as English text, "
                       "and its predictions will be poor (--lang sets the language)", file=sys.stderr)
             return "en"
         return lang

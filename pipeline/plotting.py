@@ -79,10 +79,11 @@ def _simplified_chinese(installed: set[str]) -> str | None:
     if not sources:
         return None
     src = Path(sources[0][1])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sokhan" / "fonts"
-    stat = src.stat()
-    dst = cache / f"{src.stem}-SC-{stat.st_size}-{int(stat.st_mtime)}.otf"
     try:
+        # Path.home() raises where HOME is unset and the user has no passwd entry (docker --user 12345).
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sokhan" / "fonts"
+        stat = src.stat()
+        dst = cache / f"{src.stem}-SC-{stat.st_size}-{int(stat.st_mtime)}.otf"
         if not dst.exists():
             from fontTools.ttLib import TTCollection
 
@@ -98,7 +99,7 @@ def _simplified_chinese(installed: set[str]) -> str | None:
             finally:
                 tmp.unlink(missing_ok=True)
         font_manager.fontManager.addfont(str(dst))
-    except Exception as e:  # noqa: BLE001 (a read-only home, a damaged file: the collection's first face will do)
+    except Exception as e:  # noqa: BLE001 (no or a read-only home, a damaged file: the first face will do)
         if "Han shapes" not in _warned:
             _warned.add("Han shapes")
             warnings.warn(f"could not extract the Simplified Chinese face of {src} ({e}); Chinese labels are drawn "

@@ -135,7 +135,7 @@ def test_adhoc_text_prints_and_writes_nothing(tmp_path, capsys):
     cyrillic = tmp_path / "ru.txt"
     cyrillic.write_text("Привет мир\nкак дела\n", encoding="utf-8")  # used to say "no non-empty lines"
     assert main(["evaluate", "--run-dir", str(run), "--text", str(cyrillic)]) == 2
-    assert "none of its 2 lines has Persian, Chinese or Latin letters" in capsys.readouterr().err
+    assert "none of its 2 lines has Persian, Chinese or Latin words" in capsys.readouterr().err
     text.write_text("the cat sat on the mat .\nПривет мир\n", encoding="utf-8")
     assert main(["evaluate", "--run-dir", str(run), "--text", str(text)]) == 0
     assert "left out 1 line(s)" in capsys.readouterr().err

@@ -101,3 +101,24 @@ def test_other_majority_names_a_language_that_outvotes_the_tag():
     assert other_majority({"en": 3, "fa": 3}, "fa") is None  # half is not more than half
     assert other_majority({"en": 2, None: 3}, "fa") is None  # lines without letters count in the total
     assert other_majority({}, "fa") is None and other_majority({None: 5}, "zh") is None
+
+
+@pytest.mark.parametrize("text", ["a" * 200_000 + "@", "a." * 100_000 + "@", "a" * 200_000 + " ://",
+                                  "0123456789abcdef" * 12_500 + " mail me@x"], ids=["letters", "dots", "scheme", "hex"])
+def test_a_long_run_before_an_at_sign_is_not_quadratic(text):
+    """The URL and e-mail pattern was tried from every position inside a long run and backtracked over the rest of
+    it each time: 80 s for 100k letters and an "@", minutes at 200k, on every such line of a corpus. Linear now
+    (milliseconds); the alarm only stops a regression from hanging the suite."""
+    import signal
+
+    def too_slow(*_):
+        raise TimeoutError("script_votes took over 20 s: quadratic again")
+
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        votes = script_votes(text)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert votes["fa"] == votes["zh"] == 0

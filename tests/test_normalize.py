@@ -192,6 +192,8 @@ def test_persian_stray_zwnj_removal_leaves_marks_in_canonical_order():
     assert normalize("سلام\u0301\u200c\u0651", "fa", remove_diacritics=False) == "سلام\u0651\u0301"
     # á is no ASCII letter: its digit turns Persian, on the first pass as on the second.
     assert normalize("a\u200c\u03011", "fa") == "\xe1\u06f1"
+    # Two stray ZWNJs: the one between two Arabic marks stays through the first cleanup and goes in the last.
+    assert normalize("\u0301\u200c\u064e\u200c\u064e", "fa", remove_diacritics=False) == "\u064e\u064e\u0301"
 
 
 # Latin and Arabic letters, combining marks of both, ZWNJ, digits: a stray ZWNJ between marks.

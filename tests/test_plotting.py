@@ -103,6 +103,22 @@ def test_a_face_that_cannot_be_extracted_is_a_warning(fresh_fonts, monkeypatch, 
     assert "Noto Sans CJK SC" not in families and any(f in families for f in plotting.HAN_FONTS)
 
 
+def test_no_home_folder_is_a_warning(fresh_fonts, monkeypatch, tmp_path):
+    """HOME unset and no passwd entry (docker --user 12345): Path.home() raised through setup_fonts."""
+    from pathlib import Path
+
+    _cjk_collection(monkeypatch, tmp_path)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with pytest.warns(UserWarning, match="could not extract the Simplified Chinese face"):
+        families = plotting.setup_fonts()
+    assert any(f in families for f in plotting.HAN_FONTS)
+
+
 @pytest.mark.filterwarnings("ignore:Glyph .* missing from font")  # expected here: no fonts were found
 def test_missing_fonts_warn_once_and_do_not_fail(fresh_fonts, monkeypatch, tmp_path):
     monkeypatch.setattr(plotting, "_available", lambda: set())

@@ -529,6 +529,13 @@ def test_a_tokenizer_or_graph_from_another_run_is_refused(bundle, tmp_path):
     with pytest.raises(SokhanError, match=r"decoder\.onnx: exported with another tokenizer than this bundle's"):
         Decoder(swapped, provider="cpu")
 
+    for bad in ("abc", ["x"], {"tokenizer.json": 5}):  # a hand-edited config: one line, not an AttributeError
+        broken = tmp_path / f"bad{len(str(bad))}"
+        shutil.copytree(bundle, broken)
+        _edit_config("files", bad)(broken)
+        with pytest.raises(SokhanError, match=r"config\.json: key 'files' must map file names to sha256 digests"):
+            Decoder(broken, provider="cpu")
+
     # A bundle exported before the digests were recorded still opens.
     old = tmp_path / "old"
     shutil.copytree(bundle, old)
@@ -620,7 +627,7 @@ def test_prompt_in_no_known_script_warns_once(bundle, capsys):
     d.next_words("Привет мир", k=2)
     d.generate("こんにちは", 2)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "'Привет мир' has no Persian, Chinese or Latin letters; it is read as English" in err[0]
+    assert len(err) == 1 and "'Привет мир' has no Persian, Chinese or Latin words (a URL or an e-mail address is none); it is read as English" in err[0]
     d.next_words("the book", k=2)
     assert capsys.readouterr().err == ""
     # A prompt that normalizes to nothing is the empty-prompt error alone, without the notice before it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -12,7 +13,7 @@ import torch
 from tiny_run import make_tiny_run, tiny_config
 
 from sokhan import SokhanError
-from sokhan.pipeline.models import build
+from sokhan.pipeline.models import ModelConfig, build
 from sokhan.pipeline.stage import run_stage, upstream_digest
 from sokhan.pipeline.train import checkpoint as ckpt
 from sokhan.pipeline.train import loop
@@ -91,6 +92,23 @@ def test_training_again_gives_the_same_bytes(trained, tmp_path):
     # What export and evaluate record of training leaves those two out: they stay up to date.
     assert set(second["reports"]) == timings
     assert upstream_digest(second) == upstream_digest(manifest)
+
+
+def test_validation_builds_no_graph(monkeypatch):
+    """Validation ran with gradients on once (a decorator moved to another function): the same loss, but the loss
+    kernel formed every gradient in its forward pass, and evaluation took twice as long."""
+    model = build(ModelConfig(arch="transformer", d_model=16, n_layers=1, n_heads=2, vocab_size=50, max_seq_len=16))
+    seen = []
+    real = loop.lm_loss
+
+    def recording(*args):
+        seen.append(torch.is_grad_enabled())
+        return real(*args)
+
+    monkeypatch.setattr(loop, "lm_loss", recording)
+    batch = torch.randint(0, 50, (2, 9))
+    loop.evaluate(model, [(batch[:, :-1], batch[:, 1:])], torch.device("cpu"), contextlib.nullcontext)
+    assert seen == [False] and model.training  # and back in training mode after
 
 
 def test_mamba_trains_through_the_same_stage(tmp_path):
@@ -272,6 +290,11 @@ def test_warmup_longer_than_the_run_is_announced(tmp_path, capsys):
         assert (f"train.warmup_steps = {warmup} leaves train.steps = 4 no room for the cosine decay: the learning rate "
                 "reaches train.lr = 0.01 and ends there") in capsys.readouterr().err
     assert lr_at(3, 0.01, 0.001, 3, 4) == pytest.approx(0.01) and lr_at(3, 0.01, 0.001, 2, 4) == pytest.approx(0.001)
+    one = make_tiny_run(tmp_path / "one")  # one step, warmup 8: said too (at 1/8 of train.lr)
+    cfg = tiny_config("train.steps=1", "train.warmup_steps=8", "train.eval_every=1", "train.ckpt_every=1")
+    run_stage("embed", cfg, one)
+    run_stage("train", cfg, one)
+    assert "learning rate is still warming up when training ends (it peaks at 0.00125)" in capsys.readouterr().err
 
 
 def test_unigram_val_loss_counts_in_chunks(monkeypatch):

@@ -230,9 +230,13 @@ def _persian(text: str, digits: Digits, remove_diacritics: bool) -> str:
     # The Persian decimal separator, between Persian digits only: 3.14 stays as it is where digits stay Latin.
     text = _outside_latin(lambda w: _DECIMAL.sub("\\1٫\\2", w), text)
     text = _fixpoint(hz.decrease_repeated_chars, text)
-    # After _HEH_HA: seperate_mi reads its ZWNJ. No NFKC after this one: it would undo persian_style (… -> ...), and
-    # the ZWNJs that only this pass removes (beside a digit made Latin) stand next to no combining mark.
-    text = _zwnj(hz.seperate_mi(_HEH_HA.sub("\u200c", text)))
+    # After _HEH_HA: seperate_mi reads its ZWNJ. A ZWNJ this pass removes can again leave combining marks out of
+    # canonical order (U+0301 ZWNJ U+064E, the ZWNJ kept above between two Arabic-script marks): NFC puts them in
+    # order. Not NFKC, which would undo persian_style (… -> ...).
+    text = hz.seperate_mi(_HEH_HA.sub("\u200c", text))
+    if (unzwnj := _zwnj(text)) != text and not unicodedata.is_normalized("NFC", unzwnj):
+        unzwnj = unicodedata.normalize("NFC", unzwnj)
+    text = unzwnj
     return " ".join(_join_affixes(_collapse(text).split(" "), hz.verbs))
 
 

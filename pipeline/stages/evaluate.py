@@ -180,13 +180,13 @@ def _read_texts(files: list[Path], langs: list[str]) -> dict[str, list[str]]:
     names = ", ".join(map(str, files))
     if not out:
         if unknown:
-            raise SokhanError(f"--text {names}: none of its {unknown} lines has Persian, Chinese or Latin letters "
+            raise SokhanError(f"--text {names}: none of its {unknown} lines has Persian, Chinese or Latin words "
                               "(--lang fa|zh|en scores a file as that language)")
         raise SokhanError(f"--text {names}: no non-empty lines to evaluate")
     if unknown:
         from sokhan.pipeline.stage import log
 
-        log(f"evaluate: left out {unknown} line(s) of {names} with no Persian, Chinese or Latin letters")
+        log(f"evaluate: left out {unknown} line(s) of {names} with no Persian, Chinese or Latin words (URLs, digits and other scripts alone)")
     return out
 
 

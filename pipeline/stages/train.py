@@ -52,8 +52,8 @@ class TrainConfig:
     """Steps between validation losses (and at the last step)."""
     eval_batches: int = 8
     """Batches of held-out windows per validation loss: fixed windows, the same at every evaluation. Which windows
-    depends on ``batch_size`` and ``seed``: compare validation losses across runs that share both (``sokhan
-    evaluate`` scores the same text for any run)."""
+    depends on ``batch_size``, ``seq_len`` and ``seed``: compare validation losses across runs that share them
+    (``sokhan evaluate`` scores the same text for any run)."""
     ckpt_every: int = 100
     """Steps between checkpoints (and at the last step); a killed run resumes from the newest."""
     keep_last: int = 2
@@ -122,7 +122,7 @@ def run(ctx) -> dict:
     model_cfg = ctx.config.model.resolve(int(meta["vocab_size"]))
     main = ddp.is_main_process()
     cfg = ctx.config.train
-    if main and cfg.steps > 1 and cfg.warmup_steps >= cfg.steps - 1:
+    if main and (cfg.warmup_steps > cfg.steps or (cfg.steps > 1 and cfg.warmup_steps >= cfg.steps - 1)):
         # Allowed (a short trial run), but the cosine needs two steps after the warmup to reach min_lr (lr_at).
         if cfg.warmup_steps > cfg.steps:
             where = f"is still warming up when training ends (it peaks at {cfg.lr * cfg.steps / cfg.warmup_steps:.3g})"

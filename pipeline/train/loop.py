@@ -66,7 +66,6 @@ def unigram_val_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> flo
     return float(-(token_counts(val) @ logp) / len(val))
 
 
-@torch.no_grad()
 def reseed_rank(seed: int, world: ddp.World, step: int) -> None:
     """Under torchrun, a generator of its own for each process after the first, for its dropout masks: with the
     one seed everywhere every rank drew the same masks (for other windows), which one process on the doubled batch
@@ -76,6 +75,7 @@ def reseed_rank(seed: int, world: ddp.World, step: int) -> None:
         torch.manual_seed(seed + 1_000_003 * world.rank + step)
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, batches: list, device: torch.device, autocast) -> float:
     model.eval()
     losses = []
