@@ -162,10 +162,11 @@ def plot_pca(table: np.ndarray, tokens: dict[str, list[int]], text: Callable[[in
         else:
             xy = np.zeros((len(ids), 2))
         ax.scatter(xy[:, 0], xy[:, 1], s=16, color=colour)
-        for (px, py), tid in zip(xy, ids):
-            ax.annotate(plotting.label(display(text(tid))), (px, py), xytext=(3, 3), textcoords="offset points", fontsize=11)
+        labels = [ax.annotate(plotting.label(display(text(tid))), (px, py), xytext=(3, 3), textcoords="offset points",
+                              fontsize=11) for (px, py), tid in zip(xy, ids)]
         ax.set_title(f"{lang}: {len(ids)} most frequent tokens")
         ax.grid(alpha=0.3)
+        plotting.place_labels(fig, labels)
     if not langs:
         axes[0][0].text(0.5, 0.5, "no word-like tokens to draw", ha="center", transform=axes[0][0].transAxes)
     fig.suptitle(title)

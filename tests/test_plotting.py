@@ -146,3 +146,24 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, fresh_fonts):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["plot.png"]
     assert not plt.get_fignums()  # closed
+
+
+def test_point_labels_are_placed_where_no_other_label_is(fresh_fonts):
+    """The embedding plot printed the labels of close points over each other."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    plotting.setup_fonts()
+    fig, ax = plt.subplots()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    labels = [ax.annotate(word, (0.5, 0.5), xytext=(3, 3), textcoords="offset points", fontsize=11)
+              for word in ("the", "and", "of", "to")]
+    renderer = fig.canvas.get_renderer()
+    boxes = lambda: [Text.get_window_extent(a, renderer) for a in labels]  # noqa: E731
+    assert boxes()[0].overlaps(boxes()[1])  # as annotate puts them
+    plotting.place_labels(fig, labels)
+    placed = boxes()
+    assert not any(placed[i].overlaps(placed[j]) for i in range(4) for j in range(i))
+    assert labels[0].xyann == (3, 3)  # the first keeps the usual spot
+    plt.close(fig)
