@@ -236,7 +236,7 @@ def check_files(bundle: Path, cfg: dict[str, Any]) -> None:
     """The tokenizer files are the ones the model was exported with. Two tokenizers of one size (two runs'
     tokenize stages) are interchangeable to every other check, and a swapped one turns the output into noise."""
     recorded = cfg.get("files")
-    if not recorded:  # bundles exported before sokhan recorded them
+    if recorded is None:  # bundles exported before sokhan recorded them
         return
     if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
         raise SokhanError(f"{bundle / CONFIG}: key 'files' must map file names to sha256 digests, not {recorded!r:.60}")

@@ -140,6 +140,7 @@ def place_labels(fig, labels: list) -> None:
     frequent tokens of an embedding sit close together, and their labels were printed over each other."""
     from matplotlib.text import Text
 
+    fig.draw_without_rendering()  # the axes fit their data when drawn: measured before, every label was on 0-1 axes
     renderer = fig.canvas.get_renderer()
     placed: list = []
     for a in labels:

@@ -36,6 +36,8 @@ ZWNJ = "\u200c"
         pytest.param("请访问https://example.org/a/b获取", "zh", id="url-against-han-without-spaces"),
         pytest.param("邮箱ali@example.com", "zh", id="email-against-han-without-spaces"),
         pytest.param("https://example.com/2024/post_5", None, id="url-only"),
+        pytest.param("سلام.https://example.com/page/path", "fa", id="url-after-a-full-stop"),
+        pytest.param("کتاب 3https://example.com/page/path", "fa", id="url-after-a-digit"),
         pytest.param("ali.rezaei@gmail.com", None, id="email-only"),
         pytest.param("Write to me at ali@example.com please", "en", id="english-around-an-email"),
         # Arabic-script digits, punctuation and tatweel are no letters: like "123", no language.

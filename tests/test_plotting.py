@@ -154,16 +154,31 @@ def test_point_labels_are_placed_where_no_other_label_is(fresh_fonts):
     from matplotlib.text import Text
 
     plotting.setup_fonts()
-    fig, ax = plt.subplots()
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    labels = [ax.annotate(word, (0.5, 0.5), xytext=(3, 3), textcoords="offset points", fontsize=11)
-              for word in ("the", "and", "of", "to")]
-    renderer = fig.canvas.get_renderer()
-    boxes = lambda: [Text.get_window_extent(a, renderer) for a in labels]  # noqa: E731
-    assert boxes()[0].overlaps(boxes()[1])  # as annotate puts them
+
+    def figure(points):
+        fig, ax = plt.subplots()
+        ax.scatter(*zip(*points))
+        return fig, [ax.annotate(f"w{i}", xy, xytext=(3, 3), textcoords="offset points", fontsize=11)
+                     for i, xy in enumerate(points)]
+
+    def boxes(fig, labels):
+        fig.draw_without_rendering()
+        return [Text.get_window_extent(a, fig.canvas.get_renderer()) for a in labels]
+
+    # Four labels of one point: annotate puts them on each other; placed, none covers another.
+    crowd = [(50, 50)] * 4 + [(90, 10)]
+    fig, labels = figure(crowd)
+    assert boxes(fig, labels)[0].overlaps(boxes(fig, labels)[1])
+    plt.close(fig)
+    fig, labels = figure(crowd)
     plotting.place_labels(fig, labels)
-    placed = boxes()
-    assert not any(placed[i].overlaps(placed[j]) for i in range(4) for j in range(i))
-    assert labels[0].xyann == (3, 3)  # the first keeps the usual spot
+    placed = boxes(fig, labels)
+    assert not any(placed[i].overlaps(placed[j]) for i in range(5) for j in range(i))
+    assert labels[0].xyann == (3, 3) and labels[4].xyann == (3, 3)  # the first and a lone one keep the usual spot
+    plt.close(fig)
+    # Points spread over the axes once matplotlib fits them to the data, which it does only when drawing: measured
+    # before, all of them sat near 0 on the default 0-1 axes, collided, and were moved for nothing.
+    fig, labels = figure([(0.001 * i, 0.001 * i) for i in range(1, 6)])
+    plotting.place_labels(fig, labels)
+    assert [a.xyann for a in labels] == [(3, 3)] * 5
     plt.close(fig)

@@ -64,8 +64,9 @@ _URL_CHAR = f"!-~{_LATIN}{_MARKS}"
 _EMAIL_CHAR = f"-A-Za-z0-9{_LATIN}{_MARKS}"  # "-" first: a literal
 # Each branch starts only where its run of characters starts (the lookbehinds): tried from every position inside
 # a long run, the search backtracked over the rest of it each time, quadratic (80 s for 100k letters and an "@").
+# A scheme's run may start with digits or dots, which it takes along ("سلام.https://…", "3https://…").
 _URL_OR_EMAIL = re.compile(
-    f"(?:(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://|(?<![A-Za-z0-9.])www\\.)[{_URL_CHAR}]+"
+    f"(?:(?<![A-Za-z0-9+.-])[0-9+.-]*[A-Za-z][A-Za-z0-9+.-]*://|(?<![A-Za-z0-9.])www\\.)[{_URL_CHAR}]+"
     f"|(?<![{_EMAIL_CHAR}._%+])[{_EMAIL_CHAR}._%+]+@[{_EMAIL_CHAR}]+(?:\\.[{_EMAIL_CHAR}]+)+",
     re.IGNORECASE,
 )
