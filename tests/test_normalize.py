@@ -194,19 +194,22 @@ def test_persian_stray_zwnj_removal_leaves_marks_in_canonical_order():
     assert normalize("a\u200c\u03011", "fa") == "\xe1\u06f1"
     # Two stray ZWNJs: the one between two Arabic marks stays through the first cleanup and goes in the last.
     assert normalize("\u0301\u200c\u064e\u200c\u064e", "fa", remove_diacritics=False) == "\u064e\u064e\u0301"
+    # With Latin digits: a ZWNJ between a digit and ٫ kept the decimal rule off until a second pass.
+    assert normalize("عدد ۳\u200c٫۵ است", "fa", digits="latin") == "عدد 3.5 است"
 
 
 # Latin and Arabic letters, combining marks of both, ZWNJ, digits: a stray ZWNJ between marks.
 marked_pieces = st.sampled_from(
-    [*"aexبسل 1۱.", "\u200c", "\u0301", "\u0323", "\u0327", "\u0308", "\u064e", "\u0651", "\u0653", "\u0670"]
+    [*"aexبسل 1۱.٫", "\u200c", "\u0301", "\u0323", "\u0327", "\u0308", "\u064e", "\u0651", "\u0653", "\u0670"]
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.lists(marked_pieces, max_size=12).map("".join), remove_diacritics=st.booleans())
-def test_persian_idempotent_with_marks_around_zwnj(text, remove_diacritics):
-    out = normalize(text, "fa", remove_diacritics=remove_diacritics)
-    assert normalize(out, "fa", remove_diacritics=remove_diacritics) == out
+@given(text=st.lists(marked_pieces, max_size=12).map("".join), remove_diacritics=st.booleans(),
+       digits=st.sampled_from(["persian", "latin", "keep"]))
+def test_persian_idempotent_with_marks_around_zwnj(text, remove_diacritics, digits):
+    out = normalize(text, "fa", digits=digits, remove_diacritics=remove_diacritics)
+    assert normalize(out, "fa", digits=digits, remove_diacritics=remove_diacritics) == out
 
 
 # Persian letters, affixes, ZWNJ, spaces, marks and punctuation: where the ZWNJ rules and hazm's steps meet.

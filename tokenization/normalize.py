@@ -226,17 +226,18 @@ def _persian(text: str, digits: Digits, remove_diacritics: bool) -> str:
     if digits == "persian":
         text = _persian_digits(text)
     elif digits == "latin":
-        text = _PERSIAN_DECIMAL.sub(".", text.translate(_TO_LATIN))
+        # A ZWNJ kept between a Persian digit and ٫ (two Arabic-script characters) is stray beside a Latin digit:
+        # gone before the decimal rule, or the last cleanup removed it after and a second pass made ٫ a ".".
+        text = _PERSIAN_DECIMAL.sub(".", _zwnj(text.translate(_TO_LATIN)))
     # The Persian decimal separator, between Persian digits only: 3.14 stays as it is where digits stay Latin.
     text = _outside_latin(lambda w: _DECIMAL.sub("\\1٫\\2", w), text)
     text = _fixpoint(hz.decrease_repeated_chars, text)
-    # After _HEH_HA: seperate_mi reads its ZWNJ. A ZWNJ this pass removes can again leave combining marks out of
-    # canonical order (U+0301 ZWNJ U+064E, the ZWNJ kept above between two Arabic-script marks): NFC puts them in
-    # order. Not NFKC, which would undo persian_style (… -> ...).
-    text = hz.seperate_mi(_HEH_HA.sub("\u200c", text))
-    if (unzwnj := _zwnj(text)) != text and not unicodedata.is_normalized("NFC", unzwnj):
-        unzwnj = unicodedata.normalize("NFC", unzwnj)
-    text = unzwnj
+    # After _HEH_HA: seperate_mi reads its ZWNJ. A ZWNJ removed here or in the digits step can again leave combining
+    # marks out of canonical order (U+0301 ZWNJ U+064E, the ZWNJ kept above between two Arabic-script marks): NFC
+    # puts them in order. Not NFKC, which would undo persian_style (… -> ...).
+    text = _zwnj(hz.seperate_mi(_HEH_HA.sub("\u200c", text)))
+    if not unicodedata.is_normalized("NFC", text):  # a quick check; rare: only after a removed stray ZWNJ
+        text = unicodedata.normalize("NFC", text)
     return " ".join(_join_affixes(_collapse(text).split(" "), hz.verbs))
 
 
