@@ -127,6 +127,7 @@ def versions() -> dict[str, str | None]:
     for mod in ("torch", "triton", "numpy", "tokenizers", "onnx", "onnxruntime", "hazm", "jieba"):
         m = sys.modules.get(mod)
         out[mod] = (getattr(m, "__version__", None) or _installed_version(mod)) if m else None  # hazm has none
+
     def git(*argv: str) -> str:
         return subprocess.run(["git", *argv], cwd=Path(__file__).parent, capture_output=True, text=True,
                               timeout=5).stdout.strip()

@@ -186,7 +186,8 @@ def _read_texts(files: list[Path], langs: list[str]) -> dict[str, list[str]]:
     if unknown:
         from sokhan.pipeline.stage import log
 
-        log(f"evaluate: left out {unknown} line(s) of {names} with no Persian, Chinese or Latin words (URLs, digits and other scripts alone)")
+        log(f"evaluate: left out {unknown} line(s) of {names} with no Persian, Chinese or Latin words (URLs, digits "
+            "and other scripts alone)")
     return out
 
 

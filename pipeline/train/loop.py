@@ -275,11 +275,12 @@ def _train(cfg, model_cfg, run_config, tokenize_dir, embeddings, out, resume, wo
         # A best folder written after that checkpoint (the killed run went on improving) is what publish = "best"
         # would publish: its figures, not the checkpoint's, or the manifest named other weights than it published.
         # (On CPU the resumed steps repeat and would write it again; on a GPU, or with another process count, not.)
-        info = root / "best" / "info.json"
-        if info.exists():
-            best = json.loads(info.read_text(encoding="utf-8"))
-            if best.get("step", 0) > start and best.get("val_loss") is not None:
-                best_val, best_step = best["val_loss"], best["step"]
+        try:
+            best = json.loads((root / "best" / "info.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none, or damaged: the checkpoint's figures
+            best = {}
+        if isinstance(best, dict) and best.get("step", 0) > start and best.get("val_loss") is not None:
+            best_val, best_step = best["val_loss"], best["step"]
         if world.main:
             log(f"train: resuming from {ckpt.step_dir(root, start)}")
             was = state.get("world_size", 1)
