@@ -255,7 +255,9 @@ def check_graph_files(session, cfg: dict[str, Any], path: Path) -> None:
         graph_files = json.loads(meta).get("files") if meta else None
     except (json.JSONDecodeError, AttributeError):
         raise SokhanError(f"{path}: its {METADATA_KEY} metadata is not a JSON object") from None
-    if graph_files and cfg.get("files") and graph_files != cfg["files"]:
+    # Where config.json records the files, the graph must record the same: one exported before they were recorded
+    # (none recorded) comes from another bundle as surely as one that records others.
+    if cfg.get("files") and graph_files != cfg["files"]:
         raise SokhanError(f"{path}: exported with another tokenizer than this bundle's ({CONFIG} and the graph's "
                           "metadata record different tokenizer files); copy the bundle whole")
 

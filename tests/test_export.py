@@ -157,6 +157,8 @@ def test_quantized_and_fp16_variants_judged_by_agreement():
         assert (bundle / file).is_file() == v["published"] and (cfg["variants"].get(name) == file) == v["published"]
         # A variant is a different graph: its logits are not bit-identical to fp32.
         assert v["max_abs_logit_diff"] > 0
+        if v["published"]:  # its size as published (it was measured before the final metadata went in)
+            assert v["bytes"] == (bundle / file).stat().st_size
     int8 = onnx.load(str(bundle / "decoder.int8.onnx"))
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in int8.graph.node)
     # Every graph's metadata is the final config (it said "variants": {}), with the graph's own state dtypes (the

@@ -528,6 +528,10 @@ def test_a_tokenizer_or_graph_from_another_run_is_refused(bundle, tmp_path):
     write_metadata(swapped / "decoder.onnx", graph_cfg)
     with pytest.raises(SokhanError, match=r"decoder\.onnx: exported with another tokenizer than this bundle's"):
         Decoder(swapped, provider="cpu")
+    # ... and one exported before graphs recorded them (every bundle made until then): from another bundle too.
+    write_metadata(swapped / "decoder.onnx", {k: v for k, v in graph_cfg.items() if k != "files"})
+    with pytest.raises(SokhanError, match=r"decoder\.onnx: exported with another tokenizer than this bundle's"):
+        Decoder(swapped, provider="cpu")
 
     for bad in ("abc", ["x"], {"tokenizer.json": 5}):  # a hand-edited config: one line, not an AttributeError
         broken = tmp_path / f"bad{len(str(bad))}"

@@ -269,10 +269,11 @@ def run(ctx) -> dict:
         # (float16, or an int8 KV cache), which the graph's inputs declare.
         for graph in [DECODER] + (["prefill.onnx"] if cfg.prefill else []):
             onnx_export.write_metadata(bundle / graph, config)
-        for file in config["variants"].values():
+        for name, file in config["variants"].items():
             specs = Decoder(bundle, provider="cpu", graph=file).specs
             state = [dict(entry, dtype=spec.dtype) for entry, spec in zip(config["state"], specs, strict=True)]
             onnx_export.write_metadata(bundle / file, dict(config, state=state), check=False)
+            report["variants"][name]["bytes"] = (bundle / file).stat().st_size  # as published, metadata included
     write_json(bundle / "parity.json", report)
 
     extra = "".join(f"| `{f}` | {n} variant of the step (top-1 agreement with fp32: {report['variants'][n]['top1_agreement']:.1%}) |\n"
