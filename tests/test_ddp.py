@@ -141,6 +141,39 @@ def test_a_full_disk_on_rank_0_stops_both_processes(tmp_path):
     assert not (run / "train.partial").exists() and not (run / "train").exists()
 
 
+# Run as a torchrun worker: DDP around a model, one backward, teardown, then the threads this process still has.
+GLOO_THREADS = """
+import json, os, sys
+import torch
+from torch import nn
+from sokhan.pipeline.train import ddp
+
+world = ddp.setup(torch.device("cpu"))
+model = ddp.wrap(nn.Linear(4, 4), world, torch.device("cpu"))  # DDP's constructor imports torch._dynamo
+model(torch.randn(2, 4)).sum().backward()
+del model
+ddp.teardown(world)
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(os.path.join(sys.argv[1], f"rank{world.rank}.json"), "w") as f:  # a file each: their stdout interleaves
+    json.dump(sorted(names), f)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from Linux's /proc")
+def test_teardown_frees_the_process_group_and_its_gloo_threads(tmp_path):
+    """torch._dynamo imported after init_process_group (by DDP) kept the group alive past destroy_process_group:
+    its gloo threads ran into interpreter shutdown, where a worker aborted now and then (seen in CI)."""
+    script = tmp_path / "gloo_threads.py"
+    script.write_text(GLOO_THREADS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    done = subprocess.run(cmd, env=_two_processes_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert "python" in threads  # the names were read
+        assert not [t for t in threads if "gloo" in t], (rank, threads)  # gloo_tcp_loop, pt_gloo_runloop before
+
+
 def test_each_process_draws_its_own_dropout_masks_and_resumes_them():
     """Every rank was seeded alike, so all drew the same dropout masks (for different windows)."""
     import torch

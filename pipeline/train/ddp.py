@@ -47,13 +47,26 @@ def setup(device: torch.device) -> World:
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
     if not dist.is_initialized():
+        _import_dynamo()
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return world
 
 
+def _import_dynamo() -> None:
+    """Import ``torch._dynamo`` before the process group exists.
+
+    DDP's constructor imports it; imported after ``init_process_group`` it keeps a reference to the default group
+    (torch 2.13), so ``destroy_process_group`` no longer frees the group and its gloo threads live on into
+    interpreter shutdown, where a worker aborted now and then ("terminate called without an active exception").
+    Imported first, the group is freed in ``teardown`` and the process exits with no gloo thread left.
+    """
+    import torch._dynamo  # noqa: F401
+
+
 def teardown(world: World, ok: bool = True) -> None:
-    """Leave the process group together: a rank that destroys its gloo pairs while a peer still uses them
-    aborts that peer ("terminate called without an active exception", about one run in six here).
+    """Leave the process group together: after the barrier no peer is still in a collective when a rank closes its
+    gloo pairs. (The barrier made a worker's abort at exit rarer, from about one run in six; the cause that was
+    left, a group outliving ``destroy_process_group``, is ``_import_dynamo``'s.)
 
     ``ok = False`` (this rank failed) skips both: its peers are in some other collective (the backward all-reduce)
     and would never meet it at the barrier, and destroying a group whose peers are mid-collective can block too.
