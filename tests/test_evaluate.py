@@ -141,6 +141,21 @@ def test_adhoc_text_prints_and_writes_nothing(tmp_path, capsys):
     assert "left out 1 line(s)" in capsys.readouterr().err
 
 
+def test_windows_overlap_by_half_unless_told(tmp_path):
+    """The stride was 128 whatever the window: with the sample's 128-token windows the first tokens of each window
+    were scored almost without context."""
+    assert EvaluateConfig().stride is None
+    run, config = make_run(tmp_path, "mamba")
+    config.evaluate.stride, config.evaluate.window = None, 10
+    run_stage("evaluate", config, run)
+    settings = json.loads((run / "evaluate" / "report.json").read_text(encoding="utf-8"))["settings"]
+    assert (settings["window"], settings["stride"]) == (10, 5)
+    config.evaluate.stride = 3
+    run_stage("evaluate", config, run)
+    settings = json.loads((run / "evaluate" / "report.json").read_text(encoding="utf-8"))["settings"]
+    assert (settings["window"], settings["stride"]) == (10, 3)
+
+
 def test_bad_flags_are_one_line(tmp_path, capsys):
     run, _ = make_run(tmp_path, "mamba")
     assert main(["evaluate", "--run-dir", str(run), "--lang", "fa"]) == 2
@@ -253,6 +268,11 @@ def test_onnx_agreement_measures_step_against_forward():
     assert same["nll_per_token"]["onnx"] == pytest.approx(want, abs=1e-5)
     assert off["nll_per_token"]["onnx"] - off["nll_per_token"]["torch"] == pytest.approx(100 / 19, rel=0.05)
     assert same["graph"] == "fake.onnx"
+    # With the table's targets (the <|lang|> tags left out), over those alone: it had averaged over every token.
+    targets = np.array([1, 2, 3, 5, 8, 13, 19, 25])  # 25 lies past the stepped tokens
+    chosen = onnx_agreement(StepDecoder(model), model, tokens, "cpu", targets)
+    want = float(-logp[torch.as_tensor(targets[:-1] - 1), torch.as_tensor(tokens[targets[:-1]])].mean())
+    assert chosen["nll_per_token"]["torch"] == pytest.approx(want, abs=1e-9)
 
 
 def test_adhoc_text_needs_no_writable_run_directory(tmp_path, capsys):

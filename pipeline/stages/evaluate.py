@@ -44,8 +44,9 @@ class EvaluateConfig:
     its share); the log and the report say so."""
     window: int | None = None
     """Tokens the model sees per scoring window; None = the training sequence length."""
-    stride: int = 128
-    """Window step: after the first window each scored token has ≥ window - stride tokens of context."""
+    stride: int | None = None
+    """Window step: after the first window each scored token has ≥ window - stride tokens of context; None = half
+    the window (a stride equal to the window would leave a window's first tokens almost without context)."""
     max_tokens: int = 20000
     """Predicted tokens per language at most, in whole lines from the start of the held-out text (a first line
     longer than that is scored whole: a line is never cut)."""
@@ -64,13 +65,13 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         for key in ("ngram_order", "ngram_max_tokens", "stride", "max_tokens", "batch_size", "nextword_beam", "onnx_tokens"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise SokhanError(f"config: evaluate.{key} = {getattr(self, key)} must be ≥ 1")
         if self.nextword_words < 0:
             raise SokhanError(f"config: evaluate.nextword_words = {self.nextword_words} must be ≥ 0")
         if self.window is not None and self.window < 2:
             raise SokhanError(f"config: evaluate.window = {self.window} must be ≥ 2 (a token and the one it predicts)")
-        if self.window is not None and not 0 < self.stride <= self.window:
+        if self.window is not None and self.stride is not None and not 0 < self.stride <= self.window:
             raise SokhanError(f"config: evaluate.stride = {self.stride} must be in [1, evaluate.window = {self.window}]")
 
 
@@ -290,7 +291,7 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
     if mcfg.arch == "transformer":
         window = min(window, mcfg.max_seq_len)
     window = max(window, 2)  # train.seq_len = 1 trains on one token of context: a window of 2 gives it that
-    stride = min(cfg.stride, window)
+    stride = min(cfg.stride, window) if cfg.stride is not None else max(window // 2, 1)
 
     if texts is None:
         split = run_cfg.get("tokenize", {})
@@ -379,7 +380,7 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
             "bpc_reduction": 1.0 - neural.bits_per_character / base.bits_per_character,
         }
         if decoder is not None:
-            entry["onnx"] = onnx_agreement(decoder, model, text.tokens[: cfg.onnx_tokens], device)
+            entry["onnx"] = onnx_agreement(decoder, model, text.tokens[: cfg.onnx_tokens], device, text.targets)
         languages[lang] = entry
 
     return {
@@ -403,13 +404,19 @@ def evaluate(cfg: EvaluateConfig, tok_dir: Path, train_dir: Path, texts: dict[st
     }
 
 
-def onnx_agreement(dec, model, tokens, device: str) -> dict[str, Any]:
-    """Step ``tokens`` through ``dec`` (a ``runtime.Decoder``) and compare each step's logits with PyTorch's forward."""
+def onnx_agreement(dec, model, tokens, device: str, targets=None) -> dict[str, Any]:
+    """Step ``tokens`` through ``dec`` (a ``runtime.Decoder``) and compare each step's logits with PyTorch's forward.
+
+    The NLL per token is over ``targets`` (positions whose token is predicted; default every one after the first),
+    so that with the table's targets, which leave out the ``<|lang|>`` tags, it is measured as the table's is.
+    """
     import numpy as np
     import torch
 
     if dec.max_context is not None:
         tokens = tokens[: dec.max_context]
+    targets = np.arange(1, len(tokens)) if targets is None else np.asarray(targets)
+    targets = targets[(targets >= 1) & (targets < len(tokens))]
     state = dec.init_state(1)
     onnx_logits = []
     for t in tokens:
@@ -419,10 +426,10 @@ def onnx_agreement(dec, model, tokens, device: str) -> dict[str, Any]:
     with torch.no_grad():
         ref = model(torch.as_tensor(np.asarray(tokens)[None], device=device))[0].double().cpu().numpy()  # (T, V)
 
-    def nll(logits: np.ndarray) -> float:  # mean NLL of each next token (what a variant costs in quality)
-        z = logits[:-1] - logits[:-1].max(-1, keepdims=True)
+    def nll(logits: np.ndarray) -> float:  # mean NLL of each target (what a variant costs in quality)
+        z = logits[targets - 1] - logits[targets - 1].max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        return float(-logp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])].mean())
+        return float(-logp[np.arange(len(targets)), np.asarray(tokens)[targets]].mean())
 
     out = {
         "bundle": str(dec.bundle),
@@ -431,7 +438,7 @@ def onnx_agreement(dec, model, tokens, device: str) -> dict[str, Any]:
         "top1_agreement": float(np.mean(onnx_logits.argmax(-1) == ref.argmax(-1))),
         "max_logit_diff": float(np.abs(onnx_logits - ref).max()),
     }
-    if len(tokens) > 1:  # a next token to score
+    if len(targets):  # a next token to score
         out["nll_per_token"] = {"onnx": nll(onnx_logits), "torch": nll(ref)}
     return out
 
