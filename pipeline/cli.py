@@ -9,6 +9,7 @@ What a command needs beyond that (torch, hazm, jieba) is imported only when it r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -199,16 +200,53 @@ def _run_locked(args: argparse.Namespace, locks: list) -> int:
     return 0
 
 
-def _interrupted(e: BaseException) -> bool:
-    """Whether ``e`` is Ctrl-C, or an error raised while handling it: a library caught the KeyboardInterrupt
-    midway (torch.onnx's exporter wraps it in a TorchExportError with a hundred lines of traceback)."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's time limit, torchrun stopping its other processes), raised like Ctrl-C's
+    KeyboardInterrupt so that a command stops the same clean way: a stage's half-written folder removed, a training
+    run's checkpoints kept. Its default action killed the process on the spot and left the partial folder."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises ``Terminated`` while a command runs, unless the program around it (``main`` called from Python)
+    handles SIGTERM itself; signal handlers can only be set from the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _interruption(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or SIGTERM) behind ``e``: ``e`` itself, or what it was raised while handling: a library caught
+    the KeyboardInterrupt midway (torch.onnx's exporter wraps it in a TorchExportError with a hundred lines of
+    traceback)."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, KeyboardInterrupt):
-            return True
+            return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
-    return False
+    return None
+
+
+def _stopped(stop: KeyboardInterrupt, stages: bool) -> int:
+    """The line and exit status of a command stopped by Ctrl-C (130) or SIGTERM (143, 128 + the signal, as a shell
+    reports a process it killed)."""
+    what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+    kept = "; finished stages are kept, the interrupted one is not published" if stages else ""
+    print(f"sokhan: {what}{kept}", file=sys.stderr)
+    return 143 if isinstance(stop, Terminated) else 130
 
 
 # What only a full install has: an install for `generate` and `predict` alone (the bundle README's) has numpy,
@@ -250,11 +288,15 @@ def _utf8_output() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _utf8_output()
+    with _sigterm_interrupts():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         parser = build_parser()  # imports numpy and the stages' configs: a Ctrl-C can land here too
-    except KeyboardInterrupt:
-        print("sokhan: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return _stopped(stop, stages=False)
     args = parser.parse_args(argv)
     stages = not getattr(args, "tool", None) and args.command != "status"
     try:
@@ -270,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except BaseException as e:
-        if not _interrupted(e):
+        stop = _interruption(e)
+        if stop is None:
             missing = _missing_package(e, args.command)
             if missing is not None:
                 print(f"sokhan: error: {missing}", file=sys.stderr)
@@ -281,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             kept = "; finished stages are kept" if stages else ""
             print(f"sokhan: error: {problem}{kept}", file=sys.stderr)
             return 1
-        print("sokhan: interrupted" + ("; finished stages are kept, the interrupted one is not published" if stages else ""),
-              file=sys.stderr)
-        return 130
+        return _stopped(stop, stages)
 
 
 if __name__ == "__main__":

@@ -28,27 +28,30 @@ def batched(items: Iterable[J], size: int) -> Iterator[list[J]]:
         yield batch
 
 
-def _ignore_sigint() -> None:
-    """Worker initializer: Ctrl-C is the caller's to handle. The worker was forked with SIGINT blocked
-    (``_sigint_blocked``), so one sent before this ran is pending: ignored first, unblocked second, it is dropped."""
+def _worker_signals() -> None:
+    """Worker initializer: Ctrl-C is the caller's to handle, and SIGTERM kills the worker as it would any process
+    (the caller's handler, inherited through fork, would turn it into a KeyboardInterrupt traceback here). The worker
+    was forked with both blocked (``_signals_blocked``), so one sent before this ran is pending: the handlers are set
+    first, the signals unblocked second, so a pending SIGINT is dropped and a SIGTERM ends the worker."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 @contextlib.contextmanager
-def _sigint_blocked():
-    """SIGINT held back in this thread while the pool starts its processes and threads (they inherit the mask):
-    a Ctrl-C that lands mid-start could otherwise kill a worker before its initializer ran (its traceback printed),
-    break the executor's start-up, or hang it. The signal is delivered when the block ends."""
+def _signals_blocked():
+    """SIGINT and SIGTERM held back in this thread while the pool starts its processes and threads (they inherit the
+    mask): a Ctrl-C that lands mid-start could otherwise kill a worker before its initializer ran (its traceback
+    printed), break the executor's start-up, or hang it. The signals are delivered when the block ends."""
     import signal
 
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no fork)
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
@@ -77,10 +80,10 @@ def ordered_map(fn: Callable[[J], R], jobs: Iterable[J], workers: int, ahead: in
         return
     pool, pending = None, deque()
     try:
-        # The first submit forks every worker and starts the executor's threads; a Ctrl-C held back meanwhile is
+        # The first submit forks every worker and starts the executor's threads; a Ctrl-C or SIGTERM held back meanwhile is
         # raised as the block ends, inside this try, so the pool is still shut down.
-        with _sigint_blocked():
-            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_ignore_sigint)
+        with _signals_blocked():
+            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_worker_signals)
             pending.append(pool.submit(fn, first))
         for job in jobs:
             pending.append(pool.submit(fn, job))

@@ -228,6 +228,59 @@ def test_a_bug_still_shows_its_traceback(tmp_path, monkeypatch):
         main(["run", "sample", "--run-dir", str(tmp_path / "run"), "--stages", "normalize"])
 
 
+# A stage that receives SIGTERM (kill, a scheduler's time limit) halfway through writing its partial folder.
+SIGTERM_MIDWAY = """
+import os, signal, sys, time
+from sokhan.pipeline.cli import main
+from sokhan.pipeline.stages import normalize
+
+def run(ctx):
+    (ctx.out / "fa.txt").write_text("half of it")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+
+normalize.run = run
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_a_stage_as_cleanly_as_ctrl_c(tmp_path):
+    """SIGTERM's default action killed the process on the spot: RUN/normalize.partial/ stayed, half-written."""
+    script = tmp_path / "sigterm.py"
+    script.write_text(SIGTERM_MIDWAY)
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(script), "run", "sample", "--run-dir", str(run), "--stages", "normalize"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr[-2000:]  # 128 + 15, as a shell reports a process SIGTERM killed
+    assert done.stderr.strip().splitlines()[-1] == (
+        "sokhan: terminated (SIGTERM); finished stages are kept, the interrupted one is not published")
+    assert "Traceback" not in done.stderr
+    assert not (run / "normalize.partial").exists() and not (run / "normalize").exists()
+
+
+def test_sigterm_handling_is_left_to_a_program_that_has_its_own(monkeypatch):
+    """main() called from Python: a handler the program set stays; none set, SIGTERM's default is back afterwards."""
+    import signal
+
+    from sokhan.pipeline import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_status", lambda args: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert main(["status", "--run-dir", "x"]) == 0
+    assert seen == [cli._terminate] and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    def own(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        assert main(["status", "--run-dir", "x"]) == 0
+        assert seen[-1] is own and signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_ctrl_c_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
     def interrupted():
         raise KeyboardInterrupt

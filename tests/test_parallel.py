@@ -53,11 +53,12 @@ def test_batched():
     assert list(batched([], 3)) == []
 
 
-def _sigint_ignored(_: int) -> bool:
+def _worker_signals(_: int) -> bool:
     import signal
 
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the mask, unchanged
-    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.SIGINT not in blocked
+    return (signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+            and not {signal.SIGINT, signal.SIGTERM} & blocked)
 
 
 def test_workers_leave_ctrl_c_to_the_caller():
@@ -65,12 +66,18 @@ def test_workers_leave_ctrl_c_to_the_caller():
     of its own); the caller's KeyboardInterrupt ends the map and terminates them."""
     import signal
 
-    # Forked with SIGINT blocked (a Ctrl-C mid-start must not kill a worker before it ignores the signal), each
-    # worker ignores it and unblocks it; the caller's mask is back as it was once the workers are running.
+    # Forked with SIGINT and SIGTERM blocked (a Ctrl-C mid-start must not kill a worker before it ignores the
+    # signal), each worker ignores SIGINT, takes SIGTERM's default (not the caller's handler: the CLI turns SIGTERM
+    # into an interruption, which would print a traceback in a worker) and unblocks both; the caller's mask is back
+    # as it was once the workers are running.
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    results = ordered_map(_sigint_ignored, range(4), 2)
-    assert next(results) and signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
-    assert all(results)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a handler of the caller's, inherited through fork
+    try:
+        results = ordered_map(_worker_signals, range(4), 2)
+        assert next(results) and signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        assert all(results)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _dies_at_three(x: int) -> int:
