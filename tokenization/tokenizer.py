@@ -22,12 +22,15 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal
 
 from sokhan import SokhanError
 from sokhan.tokenization.langid import LANGUAGES, detect_language
 from sokhan.tokenization.normalize import normalize
 from sokhan.tokenization.segment import SegmenterConfig, may_grow, pretokenize, segment
+
+if TYPE_CHECKING:  # for annotations only
+    from collections import Counter
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD) + tuple(f"<|lang:{lang}|>" for lang in LANGUAGES)

@@ -27,9 +27,12 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal
 
 from sokhan import SokhanError
+
+if TYPE_CHECKING:  # annotations only: imported where used, to keep importing this module cheap
+    import numpy as np
 
 SECTIONS = ("normalize", "tokenize")  # normalize's options are stored in segmenter.json and used by encode()
 UPSTREAM = ("normalize",)
