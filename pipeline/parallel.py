@@ -80,8 +80,8 @@ def ordered_map(fn: Callable[[J], R], jobs: Iterable[J], workers: int, ahead: in
         return
     pool, pending = None, deque()
     try:
-        # The first submit forks every worker and starts the executor's threads; a Ctrl-C or SIGTERM held back meanwhile is
-        # raised as the block ends, inside this try, so the pool is still shut down.
+        # The first submit forks every worker and starts the executor's threads; a Ctrl-C or SIGTERM held back
+        # meanwhile is raised as the block ends, inside this try, so the pool is still shut down.
         with _signals_blocked():
             pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_worker_signals)
             pending.append(pool.submit(fn, first))
