@@ -172,21 +172,28 @@ def _run_locked(args: argparse.Namespace, locks: list) -> int:
     if args.command != "run":
         names = [args.stage]
     # The run's config is saved before the stages run, so that an interrupted stage resumes under the same config
-    # when it is rerun without the --set flags. A command that fails and keeps no work to resume puts the previous
-    # config back, so that a rejected --set is not inherited by the next command.
+    # when it is rerun without the --set flags. A command that fails and keeps nothing made under this config (a
+    # stage it published, work to resume) puts the previous config back, so that a rejected --set is not inherited
+    # by the next command.
     path = Path(args.run_dir) / CONFIG_FILE
     previous = path.read_bytes() if path.exists() else None
     started = time.time()
     save_run_config(args.run_dir, config)
+    published = []
     try:
         for name in STAGES:
             if name in names:
+                before = _published_as(args.run_dir, name)
                 run_stage(name, config, args.run_dir, force=args.force, args=args)
+                if _published_as(args.run_dir, name) != before:
+                    published.append(name)
     except (KeyboardInterrupt, BrokenPipeError):  # BrokenPipe: stdout's reader left after evaluate published its table
         raise
     except BaseException:
-        if any(kept_work(name, args.run_dir, started) for name in names):
-            raise  # a resumable stage started (or resumed) under this config and kept its checkpoints
+        # Stages published under this config stay, and so must the config: put back, the previous one (or none, in
+        # a first run) would describe other outputs, and the next `sokhan run` redid them under the sample preset.
+        if published or any(kept_work(name, args.run_dir, started) for name in names):
+            raise  # or a resumable stage started (or resumed) under this config and kept its checkpoints
         if previous is None:
             path.unlink(missing_ok=True)
         else:
@@ -225,6 +232,18 @@ def _sigterm_interrupts():
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _published_as(run_dir: Path, name: str) -> tuple[int, int] | None:
+    """Which publication of stage ``name`` is in place: its manifest's inode and mtime (a stage is published by
+    renaming a new folder into place, so the manifest is a new file each time), or None."""
+    from sokhan.pipeline.stage import MANIFEST
+
+    try:
+        st = (Path(run_dir) / name / MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _interruption(e: BaseException) -> KeyboardInterrupt | None:

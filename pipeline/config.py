@@ -238,7 +238,11 @@ def load_config(path: Path | str | None = None, overrides: list[str] = (), base:
         if keys[0] == "corpus" and keys[-1] == "paths":
             _resolve_corpus_paths({"corpus": {"paths": value}}, Path.cwd())
         node[keys[-1]] = value
-    return from_dict(RunConfig, data)
+    config = from_dict(RunConfig, data)
+    # The model's sizes come together only in resolve (preset, then the keys given): checked now, so that `status
+    # --set` refuses what `run` would, and `run` before any stage reruns (the vocabulary size is the tokenizer's).
+    config.model.resolve(vocab_size=config.model.vocab_size or 2)
+    return config
 
 
 def presets() -> list[Path]:

@@ -165,7 +165,8 @@ def _manifest(run_dir: Path, name: str) -> dict[str, Any]:
     man = run_dir / name / MANIFEST
     if not man.exists():
         if not run_dir.is_dir():
-            raise SokhanError(f"{run_dir}: no such run directory; start one with `sokhan run --run-dir {run_dir}`")
+            raise SokhanError(f"{run_dir}: no such run directory; start one with `sokhan run CONFIG --run-dir {run_dir}` "
+                              "(CONFIG: sample, corpora or a TOML file of yours)")
         raise SokhanError(f"{run_dir / name}: stage {name!r} has not finished; run `sokhan {name} --run-dir {run_dir}` first (or `sokhan run`)")
     return read_json(man)
 

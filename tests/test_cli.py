@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sokhan import SokhanError
 from sokhan.pipeline.cli import main
 
 
@@ -48,7 +49,10 @@ def test_unknown_stage_and_bad_override_are_one_line(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("the cat\n", encoding="utf-8")
     assert main(["evaluate", "--run-dir", str(tmp_path / "r"), "--config", "sample", "--text", str(text)]) == 2
-    assert "no such run directory" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    err = capsys.readouterr().err
+    assert "no such run directory" in err and not (tmp_path / "r").exists()
+    # The hint names a config: `sokhan run --run-dir runs/corpora-mamba` alone started one on the sample preset.
+    assert f"start one with `sokhan run CONFIG --run-dir {tmp_path / 'r'}` (CONFIG: sample, corpora" in err
     assert main(["run", "sample", "--run-dir", str(tmp_path / "r"), "--set", "train.steps=lots"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sokhan: error: config: train.steps = 'lots' must be int") and "\n" not in err
@@ -107,6 +111,27 @@ def test_a_failed_command_does_not_leave_its_settings_in_the_run(tmp_path, capsy
     assert json.loads(before)["corpus"]["paths"][0]["path"] != "nowhere.txt"
 
 
+def test_a_failed_first_run_keeps_the_config_of_the_stages_it_published(tmp_path, monkeypatch, capsys):
+    """A first run whose later stage failed (a file size limit, in a user's run) deleted config.json and kept the
+    finished stages: `status` could not run, and `sokhan run --run-dir` redid them under the sample preset."""
+    from sokhan.pipeline.stages import tokenize
+
+    def fail(ctx):
+        raise SokhanError("tokenize: cannot write (File too large)")
+
+    monkeypatch.setattr(tokenize, "run", fail)
+    run = tmp_path / "r"
+    assert main(["run", "sample", "--run-dir", str(run), "--stages", "normalize,tokenize",
+                 "--set", "normalize.workers=1"]) == 2
+    assert "File too large" in capsys.readouterr().err
+    assert (run / "normalize" / "manifest.json").exists() and not (run / "tokenize").exists()
+    assert json.loads((run / "config.json").read_text())["normalize"]["workers"] == 1  # the --set stays with it
+    monkeypatch.undo()
+    assert main(["status", "--run-dir", str(run), "--json"]) == 0
+    states = {r["stage"]: r["state"] for r in json.loads(capsys.readouterr().out)}
+    assert states["normalize"] == "done" and states["tokenize"] == "missing"
+
+
 def test_a_second_command_in_a_busy_run_directory_is_refused(tmp_path, capsys):
     """Two commands in one run directory trampled each other (a resume racing a run: a FileNotFoundError traceback)."""
     import fcntl
@@ -145,6 +170,14 @@ def test_status_says_what_run_would_do_and_runs_nothing(tmp_path, capsys):
     assert out[0].split() == ["stage", "state", "finished", "took", "why"]
     assert out[1].startswith("normalize") and "stale" in out[1] and out[1].endswith("normalize.dedupe: True → False")
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written, config.json included
+    # Model sizes that do not fit together are refused by status as by run (status called them stale, run failed
+    # only once training resolved them, after embed had run again).
+    capsys.readouterr()
+    assert main(["status", "--run-dir", str(run), "--set", "model.arch=transformer", "--set", "model.d_model=130"]) == 2
+    assert "model.d_model = 130 must" in capsys.readouterr().err
+    assert main(["run", "--run-dir", str(run), "--set", "model.arch=transformer", "--set", "model.d_model=132"]) == 2
+    assert "heads of an even size" in capsys.readouterr().err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     assert main(["status", "--run-dir", str(tmp_path / "none")]) == 2
     # --check answers a script: 1 while `sokhan run` has work to do, 0 once every stage is done.
     assert main(["status", "--run-dir", str(run), "--check"]) == 1
