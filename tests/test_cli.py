@@ -314,6 +314,31 @@ def test_sigterm_handling_is_left_to_a_program_that_has_its_own(monkeypatch):
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_second_sigterm_is_not_caught(monkeypatch, capsys):
+    """The first SIGTERM asks for the clean stop; the handler steps aside, so a second one kills as before instead of
+    raising again inside the cleanup."""
+    import os
+    import signal
+    import time
+
+    from sokhan.pipeline import cli
+
+    after = []
+
+    def terminated(args):
+        assert signal.getsignal(signal.SIGTERM) is cli._terminate  # else the signal below would end this process
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        except cli.Terminated:
+            after.append(signal.getsignal(signal.SIGTERM))
+            raise
+
+    monkeypatch.setattr(cli, "_status", terminated)
+    assert main(["status", "--run-dir", "x"]) == 143
+    assert after == [signal.SIG_DFL] and capsys.readouterr().err.strip() == "sokhan: terminated (SIGTERM)"
+
+
 def test_ctrl_c_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
     def interrupted():
         raise KeyboardInterrupt
