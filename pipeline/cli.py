@@ -179,19 +179,18 @@ def _run_locked(args: argparse.Namespace, locks: list) -> int:
     previous = path.read_bytes() if path.exists() else None
     started = time.time()
     save_run_config(args.run_dir, config)
-    published = []
+    before = {name: _published_as(args.run_dir, name) for name in names}
     try:
         for name in STAGES:
             if name in names:
-                before = _published_as(args.run_dir, name)
                 run_stage(name, config, args.run_dir, force=args.force, args=args)
-                if _published_as(args.run_dir, name) != before:
-                    published.append(name)
     except (KeyboardInterrupt, BrokenPipeError):  # BrokenPipe: stdout's reader left after evaluate published its table
         raise
     except BaseException:
         # Stages published under this config stay, and so must the config: put back, the previous one (or none, in
         # a first run) would describe other outputs, and the next `sokhan run` redid them under the sample preset.
+        # (Compared here, not after each stage: a stage can fail after publishing, printing its table to a full disk.)
+        published = [name for name in names if _published_as(args.run_dir, name) != before[name]]
         if published or any(kept_work(name, args.run_dir, started) for name in names):
             raise  # or a resumable stage started (or resumed) under this config and kept its checkpoints
         if previous is None:

@@ -131,6 +131,22 @@ def test_a_failed_first_run_keeps_the_config_of_the_stages_it_published(tmp_path
     states = {r["stage"]: r["state"] for r in json.loads(capsys.readouterr().out)}
     assert states["normalize"] == "done" and states["tokenize"] == "missing"
 
+    # A stage that fails after publishing (evaluate's table printed to a full disk): its output is in place, so
+    # the config it was made under stays too.
+    import errno
+    import os
+
+    from sokhan.pipeline.stages import normalize
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(normalize, "show", full, raising=False)
+    assert main(["run", "--run-dir", str(run), "--stages", "normalize", "--set", "normalize.dedupe=false"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert json.loads((run / "normalize" / "manifest.json").read_text())["config"]["normalize"]["dedupe"] is False
+    assert json.loads((run / "config.json").read_text())["normalize"]["dedupe"] is False
+
 
 def test_a_second_command_in_a_busy_run_directory_is_refused(tmp_path, capsys):
     """Two commands in one run directory trampled each other (a resume racing a run: a FileNotFoundError traceback)."""
