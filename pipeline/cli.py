@@ -310,7 +310,35 @@ def _utf8_output() -> None:
 def main(argv: list[str] | None = None) -> int:
     _utf8_output()
     with _sigterm_interrupts():
-        return _main(argv)
+        try:
+            code = _main(argv)
+        except BaseException:
+            if _group_left():
+                import traceback
+
+                traceback.print_exc()  # a bug: its traceback, then the same exit as below
+                _exit_now(1)
+            raise
+    if _group_left():
+        _exit_now(code)
+    return code
+
+
+def _group_left() -> bool:
+    """Whether this is a torchrun process whose process group is still up: it failed or was stopped, and training's
+    teardown skipped the barrier its peers would never reach, and so the group's destruction."""
+    dist = sys.modules.get("torch.distributed")  # never imported here: this module stays torch-free
+    if dist is None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    return dist.is_available() and dist.is_initialized()
+
+
+def _exit_now(code: int) -> None:
+    """End the process, its message printed, without Python's shutdown: with gloo's threads still running, that
+    shutdown aborted now and then ("terminate called without an active exception", exit 134 and a core file)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _main(argv: list[str] | None) -> int:

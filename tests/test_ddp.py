@@ -174,6 +174,50 @@ def test_teardown_frees_the_process_group_and_its_gloo_threads(tmp_path):
         assert not [t for t in threads if "gloo" in t], (rank, threads)  # gloo_tcp_loop, pt_gloo_runloop before
 
 
+# Run as a torchrun worker: both processes get SIGTERM at their fourth loss report (a scheduler stopping the job);
+# a marker file says whether Python's shutdown ran (atexit handlers run there).
+SIGTERM_BOTH = """
+import atexit, os, signal, sys
+from pathlib import Path
+
+from sokhan.pipeline.cli import main
+from sokhan.pipeline.train import ddp
+
+atexit.register(lambda: Path(sys.argv[1], f"rank{os.environ['RANK']}.shutdown").touch())
+real, calls = ddp.mean, []
+
+
+def mean(value, world):
+    calls.append(1)
+    if len(calls) == 4:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(value, world)
+
+
+ddp.mean = mean
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_stopped_processes_leave_without_a_shutdown_among_gloo_threads(tmp_path):
+    """Stopped or failed, a rank skips the group's destruction (its peers may be in a collective), and Python's
+    shutdown with gloo's threads still running aborted now and then (exit 134 and a core file after the clean
+    line). Such a process now ends without that shutdown, with its own exit status, its checkpoints kept."""
+    run = make_tiny_run(tmp_path / "run")
+    run_stage("embed", tiny_config(), run)
+    save_run_config(run, tiny_config(*COMMON, "train.batch_size=2", "train.ckpt_every=1"))
+    script = tmp_path / "sigterm_both.py"
+    script.write_text(SIGTERM_BOTH)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(tmp_path), "train", "--run-dir", str(run)]
+    done = subprocess.run(cmd, env=_two_processes_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert done.stderr.count("sokhan: terminated (SIGTERM)") == 2, done.stderr[-3000:]
+    assert "exitcode  : 143" in done.stderr and "terminate called" not in done.stderr, done.stderr[-3000:]
+    assert not list(tmp_path.glob("rank*.shutdown"))  # neither process went through Python's shutdown
+    assert ckpt.checkpoints(run / "train.partial" / "checkpoints")  # what it had trained is kept to resume from
+
+
 def test_each_process_draws_its_own_dropout_masks_and_resumes_them():
     """Every rank was seeded alike, so all drew the same dropout masks (for different windows)."""
     import torch
