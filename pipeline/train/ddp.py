@@ -70,7 +70,8 @@ def teardown(world: World, ok: bool = True) -> None:
 
     ``ok = False`` (this rank failed) skips both: its peers are in some other collective (the backward all-reduce)
     and would never meet it at the barrier, and destroying a group whose peers are mid-collective can block too.
-    The rank just exits with its error; torchrun sees it and stops the others.
+    The rank just exits with its error; torchrun sees it and stops the others. With its group still up it leaves
+    without Python's shutdown (``sokhan.pipeline.cli._group_left``), which gloo's running threads made abort.
     """
     if ok and world.distributed and dist.is_initialized():
         dist.barrier()
